@@ -1,0 +1,9 @@
+"""compiled_soap: SOAP (Vyas et al. 2024) with the whole optimizer step as one CUDA graph.
+
+`SOAP` is the eager per-parameter reference; `CompiledSOAP` is the fast path that computes the same thing.
+"""
+
+from .reference import SOAP
+
+__all__ = ["SOAP"]
+__version__ = "0.1.0"

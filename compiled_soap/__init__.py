@@ -3,7 +3,8 @@
 `SOAP` is the eager per-parameter reference; `CompiledSOAP` is the fast path that computes the same thing.
 """
 
+from .compiled import CompiledSOAP
 from .reference import SOAP
 
-__all__ = ["SOAP"]
+__all__ = ["SOAP", "CompiledSOAP"]
 __version__ = "0.1.0"

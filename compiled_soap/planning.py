@@ -1,0 +1,92 @@
+"""Planning: what each parameter's math looks like, and which parameters share a bucket.
+
+A bucket is a set of parameters whose SOAP step is the same computation up to the data, so their state can be
+stacked into [B, ...] tensors and updated by batched kernels: same device, dtype and shape, the same merged shape
+and preconditioned axes (spec §5). Buckets are formed among the parameters initialised at the same call, so the
+members of a bucket normally refresh on the same calls (each member still refreshes by its own step count).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+
+from .validation import state_dtype
+
+
+class Layout(NamedTuple):
+    """How one parameter is seen by the math (spec §5)."""
+
+    shape: tuple[int, ...]  # the parameter's own shape
+    merged_shape: tuple[int, ...]  # the shape the factors are built on
+    channels_last: bool  # a 4-D NHWC tensor permuted to NCHW before merging
+    factor_sizes: tuple[Optional[int], ...]  # per merged axis: factor size, or None (identity on that axis)
+
+
+class BucketPlan(NamedTuple):
+    """Static description of one bucket: everything the compiled step specialises on."""
+
+    layout: Layout
+    param_dtype: torch.dtype
+    state_dtype: torch.dtype
+    size: int  # B, the number of stacked parameters
+
+
+def merge_shape(shape: tuple[int, ...], max_precond_dim: int) -> tuple[int, ...]:
+    """Spec §5: walk the axes left to right, merging while the running product stays <= max_precond_dim."""
+    out: list[int] = []
+    run = 1
+    for s in shape:
+        if run * s <= max_precond_dim:
+            run *= s
+        elif run > 1:
+            out.append(run)
+            run = s
+        else:
+            out.append(s)
+    if run > 1 or not out:
+        out.append(run)
+    return tuple(out)
+
+
+def layout_of(shape: tuple[int, ...], group: dict) -> Layout:
+    """The layout of a parameter of this shape under a param group's structural options."""
+    shape = tuple(shape)
+    limit = group["max_precond_dim"]
+    if len(shape) == 1:
+        # 1-D parameters are never merged; they get a factor only with precondition_1d.
+        size = shape[0] if group["precondition_1d"] and shape[0] <= limit else None
+        return Layout(shape, shape, False, (size,))
+    channels_last = group["merge_dims"] and group["data_format"] == "channels_last" and len(shape) == 4
+    if group["merge_dims"]:
+        nchw = (shape[0], shape[3], shape[1], shape[2]) if channels_last else shape
+        merged = merge_shape(nchw, limit)
+    else:
+        merged = shape
+    return Layout(shape, merged, channels_last, tuple(s if s <= limit else None for s in merged))
+
+
+def to_merged(x: torch.Tensor, layout: Layout) -> torch.Tensor:
+    """[B, *shape] -> [B, *merged_shape]."""
+    if layout.channels_last:
+        x = x.permute(0, 1, 4, 2, 3)
+    return x.reshape(x.shape[0], *layout.merged_shape)
+
+
+def from_merged(x: torch.Tensor, layout: Layout) -> torch.Tensor:
+    """[B, *merged_shape] -> [B, *shape] (a view where possible)."""
+    if layout.channels_last:
+        n, h, w, c = layout.shape
+        return x.reshape(x.shape[0], n, c, h, w).permute(0, 1, 3, 4, 2)
+    return x.reshape(x.shape[0], *layout.shape)
+
+
+def bucket_key(p: torch.Tensor, group: dict) -> tuple:
+    """Parameters with equal keys (initialised at the same call) are stacked together."""
+    return (p.device, p.dtype, layout_of(p.shape, group))
+
+
+def make_plan(key: tuple, size: int) -> BucketPlan:
+    _, dtype, layout = key
+    return BucketPlan(layout, dtype, state_dtype(dtype), size)

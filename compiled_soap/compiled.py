@@ -45,6 +45,8 @@ class CompiledSOAP(torch.optim.Optimizer):
     Extra args:
         compile: run the stacked step through torch.compile (False: the same batched functions, eagerly).
         mode: torch.compile mode; "reduce-overhead" captures each step kind as a CUDA graph.
+        backend: torch.compile backend; "aot_eager" traces the same graphs without code generation (debugging,
+            and the CPU test suite, where Inductor's C++ compilation takes minutes).
 
     After each `step()`, `last_step_kind` is "init" (only initialisations), "plain", "refresh" or "none".
     `compile_seconds` accumulates the wall time of calls that compiled or recorded a graph.
@@ -73,6 +75,7 @@ class CompiledSOAP(torch.optim.Optimizer):
         *,
         compile: bool = True,
         mode: Optional[str] = "reduce-overhead",
+        backend: str = "inductor",
     ):
         defaults = dict(
             lr=lr, betas=betas, shampoo_beta=shampoo_beta, eps=eps, weight_decay=weight_decay,
@@ -83,7 +86,8 @@ class CompiledSOAP(torch.optim.Optimizer):
         assert set(defaults) == set(DEFAULTS)
         validate_hyperparameters(defaults)
         self._use_compile = compile
-        self._mode = mode
+        self._mode = mode if backend == "inductor" else None
+        self._backend = backend
         self._buckets: list[_Bucket] = []
         self._items: Optional[dict] = None
         self._initialized: Optional[np.ndarray] = None
@@ -211,7 +215,7 @@ class CompiledSOAP(torch.optim.Optimizer):
                 # object, so sharing it would make every plan a recompile of one code object (limit 8).
                 code = fn.__code__.replace()
                 fn = types.FunctionType(code, fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
-                fn = torch.compile(fn, fullgraph=True, dynamic=False, mode=self._mode)
+                fn = torch.compile(fn, fullgraph=True, dynamic=False, backend=self._backend, mode=self._mode)
             self._functions[kind] = fn
         return self._functions[kind]
 

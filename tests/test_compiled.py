@@ -332,3 +332,41 @@ def test_cuda_no_host_sync_in_steady_state():
         torch.cuda.set_sync_debug_mode(0)
     torch.cuda.synchronize()
     assert all(torch.isfinite(p).all() for p in params)
+
+
+def test_nvtx_ranges_name_the_step_kinds(monkeypatch):
+    """The ranges an nsys timeline shows, in order, for init, plain, refresh and compile calls."""
+    from compiled_soap import nvtx_ranges
+
+    opened = []
+
+    class Recorder:
+        def get_event_attributes(self, message):
+            return message
+
+        def push_range(self, name):
+            opened.append(name)
+
+        def pop_range(self):
+            opened.append("/")
+
+    monkeypatch.setattr(nvtx_ranges, "_DOMAIN", Recorder())
+    nvtx_ranges._attributes.cache_clear()
+    shapes = [(4, 3), (3,)]
+    params = make_params(shapes, torch.float32)
+    opt = CompiledSOAP(params, precondition_frequency=2, compile=False)
+    seen = []
+    for grads in gradient_stream(shapes, torch.float32, 4):
+        for p, g in zip(params, grads):
+            p.grad = g
+        opened.clear()
+        opt.step()
+        seen.append([n for n in opened if n != "/"])
+        assert opened.count("/") == len(seen[-1])  # every range closed
+    assert seen == [
+        ["step", "prepare", "initialize"],
+        ["step", "prepare", "graph/plain"],
+        ["step", "prepare", "graph/refresh"],
+        ["step", "prepare", "graph/plain"],
+    ]
+    nvtx_ranges._attributes.cache_clear()

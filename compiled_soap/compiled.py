@@ -238,13 +238,19 @@ class CompiledSOAP(torch.optim.Optimizer):
             self._has_grad_cache = stepping.copy()
 
     def _gather_grads(self, stepping: np.ndarray) -> None:
+        """Bring this step's gradients into the static buffers: one batched copy, of the gradients that are not
+        already there. After its first step each parameter's .grad IS a view of its slot; while it is zeroed in
+        place (zero_grad(set_to_none=False)) backward accumulates straight into the buffer and nothing is copied.
+        With set_to_none=True autograd hands out fresh tensors, which are copied (never stale memory: the address
+        is checked every step)."""
         slots, grads = [], []
         for b in self._buckets:
             for slot, p, i in zip(b.grad_slots, b.params, b.indices):
-                if stepping[i]:
+                if stepping[i] and p.grad.data_ptr() != slot.data_ptr():
                     slots.append(slot)
                     grads.append(p.grad)
-        torch._foreach_copy_(slots, grads)
+        if slots:
+            torch._foreach_copy_(slots, grads)
 
     def _refresh_possible(self, stepping: np.ndarray) -> bool:
         """Could any stepping parameter's new step count be a multiple of its refresh period?
@@ -290,6 +296,7 @@ class CompiledSOAP(torch.optim.Optimizer):
                 continue
             members[bucket_key(p, groups[p])].append((p, int(i)))
         if not members:
+            self._publish_state()  # the skip counts of parameters that stay uninitialised
             return
         items = self._items
         for key, pairs in members.items():
@@ -302,6 +309,9 @@ class CompiledSOAP(torch.optim.Optimizer):
                                                                              device=grad.device))
             zeros = torch.zeros((len(ps), *plan.layout.merged_shape), dtype=plan.state_dtype, device=grad.device)
             self._add_bucket(plan, ps, idx, grad, zeros, zeros.clone(), factors, bases)
+            for p, slot in zip(ps, self._buckets[-1].grad_slots):
+                if p.grad.dtype == p.dtype and p.grad.layout == p.layout:
+                    p.grad = slot  # see _gather_grads: the gradient buffer doubles as .grad
             index = torch.tensor(idx, device=grad.device)
             items["step"].index_fill_(0, index, 0)
             items["shampoo_beta"].index_copy_(0, index, torch.tensor(frozen_beta, dtype=torch.float64,
@@ -347,6 +357,14 @@ class CompiledSOAP(torch.optim.Optimizer):
                     "shampoo_beta": items["shampoo_beta"][i],
                     "skipped": items["skipped"][i],
                 }
+        # Like SOAP, a parameter whose every gradient so far was non-finite has a state holding just its skip count.
+        uninitialized = np.flatnonzero(~self._initialized)
+        if len(uninitialized):
+            counts = items["skipped"][torch.from_numpy(uninitialized).to(items["skipped"].device)].tolist()
+            params = self._all_params()
+            for i, n in zip(uninitialized.tolist(), counts):
+                if n:
+                    self.state[params[i]] = {"skipped": items["skipped"][i]}
 
     def skipped_steps(self) -> torch.Tensor:
         """Per parameter (param_groups order), steps skipped for a non-finite gradient. A device tensor: reading
@@ -361,6 +379,8 @@ class CompiledSOAP(torch.optim.Optimizer):
         state = {}
         skipped = self._items["skipped"].tolist()
         for p, s in self.state.items():
+            if "Q" not in s:  # no optimizer state (only a skip count, or an empty entry made by reading self.state[p])
+                continue
             state[index[p]] = {
                 "step": int(s["step"]),
                 "exp_avg": s["exp_avg"].clone(memory_format=torch.contiguous_format),

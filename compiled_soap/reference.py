@@ -104,11 +104,16 @@ class SOAP(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():  # spec §6.1: the paper ran the closure under no_grad
                 loss = closure()
+        # Check every gradient before touching anything, so that a bad one (sparse, wrong shape) leaves the whole
+        # optimizer unchanged, as CompiledSOAP does.
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    validate_grad(p)
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                validate_grad(p)
                 self._step_param(p, group)
         return loss
 

@@ -43,8 +43,10 @@ def validate_hyperparameters(group: dict[str, Any]) -> None:
     if not _is_real(lr) or lr < 0:
         raise ValueError(f"Invalid lr: {group['lr']!r} (must be a finite number >= 0)")
     eps = group["eps"]
-    if not _is_real(eps) or eps < 0:
-        raise ValueError(f"Invalid eps: {eps!r} (must be a finite number >= 0)")
+    if not _is_real(eps) or eps <= 0:
+        # eps = 0 is legal in torch.optim.Adam, but here any exactly-zero projected gradient component (an unused
+        # embedding row, an all-zero gradient) would be 0/0 = NaN and poison the parameter: refuse it.
+        raise ValueError(f"Invalid eps: {eps!r} (must be a finite number > 0)")
     wd = group["weight_decay"]
     if not _is_real(wd) or wd < 0:
         raise ValueError(f"Invalid weight_decay: {wd!r} (must be a finite number >= 0)")

@@ -638,7 +638,7 @@ def test_invalid_hyperparameters_raise_naming_the_argument(kw, name):
 
 
 def test_boundary_hyperparameters_are_accepted():
-    SOAP([torch.nn.Parameter(torch.zeros(2, 2))], lr=0.0, eps=0.0, weight_decay=0.0, betas=(0.0, 0.0),
+    SOAP([torch.nn.Parameter(torch.zeros(2, 2))], lr=0.0, eps=1e-30, weight_decay=0.0, betas=(0.0, 0.0),
          shampoo_beta=0.0, precondition_frequency=1, max_precond_dim=1)
 
 

@@ -82,7 +82,7 @@ def run(opt_factory, shapes, dtype, steps, groups=False, late=(), scheduler=Fals
 
 
 def relative_deviation(a, b, start):
-    move = sum(float((x.detach() - s).double().norm() ** 2) for x, s in zip(a, start)) ** 0.5
+    move = sum(float((x.detach() - s.detach()).double().norm() ** 2) for x, s in zip(a, start)) ** 0.5
     dev = sum(float((x.detach() - y.detach()).double().norm() ** 2) for x, y in zip(a, b)) ** 0.5
     return dev / max(move, 1e-300)
 
@@ -407,3 +407,38 @@ def test_zero_grad_styles_match_reference(zero_style):
     if zero_style == "in-place":
         slots = {s.data_ptr() for b in opt._buckets for s in b.grad_slots}
         assert all(p.grad.data_ptr() in slots for p in fast)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_params_match_reference(dtype):
+    """16-bit parameters keep fp32 state in both classes and round the parameter after each of the two updates."""
+    shapes = [(6, 6), (5,)]
+    kw = {"precondition_frequency": 3, "lr": 1e-2}
+    ref, start, ref_opt = run(lambda pg: SOAP(pg, **kw), shapes, dtype, 8)
+    fast, _, opt = run(lambda pg: CompiledSOAP(pg, compile=False, **kw), shapes, dtype, 8)
+    for p_ref, p_fast in zip(ref, fast):
+        assert p_fast.dtype == dtype and opt.state[p_fast]["exp_avg"].dtype == torch.float32
+        # Within a couple of 16-bit ulps of the reference.
+        torch.testing.assert_close(p_fast, p_ref, rtol=2 * torch.finfo(dtype).eps, atol=1e-3)
+    assert relative_deviation(ref, fast, start) < 5e-2
+
+
+def test_add_param_group_mid_training_matches_reference():
+    """A group added after a few steps: its parameters initialise at their first step in a new bucket (a new plan
+    and, compiled, a new graph), the existing ones carry on."""
+    shapes = [(6, 6), (4,), (5, 3)]
+    stream = gradient_stream(shapes, torch.float64, 12)
+    stream[4][2] = torch.randint(-3, 4, shapes[2], generator=torch.Generator().manual_seed(7)).double()  # trap 7
+    results = []
+    for cls, kw in ((SOAP, {}), (CompiledSOAP, {"compile": False})):
+        params = make_params(shapes, torch.float64)
+        opt = cls(params[:2], precondition_frequency=3, **kw)
+        for t, grads in enumerate(stream):
+            if t == 4:
+                opt.add_param_group({"params": [params[2]], "lr": 1e-2, "precondition_frequency": 2})
+            for p, g in zip(params if t >= 4 else params[:2], grads):
+                p.grad = g.clone()
+            opt.step()
+        results.append(params)
+    start = make_params(shapes, torch.float64)
+    assert relative_deviation(results[0], results[1], start) < 1e-10

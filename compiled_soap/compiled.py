@@ -96,6 +96,7 @@ class CompiledSOAP(torch.optim.Optimizer):
         self._calls: dict = defaultdict(int)
         self._hyper_cache: Optional[list] = None
         self._has_grad_cache: Optional[np.ndarray] = None
+        self._adopt_grads: set = set()
         self.last_step_kind: Optional[str] = None
         self.compile_seconds = 0.0
         super().__init__(params, defaults)
@@ -251,6 +252,12 @@ class CompiledSOAP(torch.optim.Optimizer):
                     grads.append(p.grad)
         if slots:
             torch._foreach_copy_(slots, grads)
+        if self._adopt_grads:  # parameters restored by load_state_dict: make their .grad the slot from now on
+            for b in self._buckets:
+                for slot, p, i in zip(b.grad_slots, b.params, b.indices):
+                    if stepping[i] and p in self._adopt_grads:
+                        _adopt_grad(p, slot)
+                        self._adopt_grads.discard(p)
 
     def _refresh_possible(self, stepping: np.ndarray) -> bool:
         """Could any stepping parameter's new step count be a multiple of its refresh period?
@@ -310,8 +317,7 @@ class CompiledSOAP(torch.optim.Optimizer):
             zeros = torch.zeros((len(ps), *plan.layout.merged_shape), dtype=plan.state_dtype, device=grad.device)
             self._add_bucket(plan, ps, idx, grad, zeros, zeros.clone(), factors, bases)
             for p, slot in zip(ps, self._buckets[-1].grad_slots):
-                if p.grad.dtype == p.dtype and p.grad.layout == p.layout:
-                    p.grad = slot  # see _gather_grads: the gradient buffer doubles as .grad
+                _adopt_grad(p, slot)
             index = torch.tensor(idx, device=grad.device)
             items["step"].index_fill_(0, index, 0)
             items["shampoo_beta"].index_copy_(0, index, torch.tensor(frozen_beta, dtype=torch.float64,
@@ -400,7 +406,7 @@ class CompiledSOAP(torch.optim.Optimizer):
         groups, state = check_and_convert(self, state_dict, lambda p, g: list(layout_of(p.shape, g).factor_sizes))
         # Everything was checked: from here on nothing can fail half-way.
         self.param_groups = groups
-        self._buckets, self._items, self._initialized = [], None, None
+        self._buckets, self._items, self._initialized, self._adopt_grads = [], None, None, set()
         self._resize_items()
         params = self._all_params()
         group_of = {p: g for g in groups for p in g["params"]}
@@ -425,12 +431,19 @@ class CompiledSOAP(torch.optim.Optimizer):
                 self._initialized[i] = True
                 self._host_step[i] = s["step"]
                 self._host_frequency[i] = s["precondition_frequency"]
+            self._adopt_grads.update(ps)
         self._plan_changed()
 
 
 def _frozen_shampoo_beta(group: dict) -> float:
     sb = group["shampoo_beta"]
     return float(sb if sb >= 0 else group["betas"][1])
+
+
+def _adopt_grad(p: torch.Tensor, slot: torch.Tensor) -> None:
+    """Make the gradient buffer's slot (which holds the same values) the parameter's .grad (see _gather_grads)."""
+    if p.grad.dtype == p.dtype and p.grad.layout == p.layout:
+        p.grad = slot
 
 
 def _copy_from_host(dst: torch.Tensor, src: torch.Tensor) -> None:

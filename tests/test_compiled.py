@@ -442,3 +442,34 @@ def test_add_param_group_mid_training_matches_reference():
         results.append(params)
     start = make_params(shapes, torch.float64)
     assert relative_deviation(results[0], results[1], start) < 1e-10
+
+
+def test_resume_with_in_place_zeroing_adopts_the_buffer():
+    """After load_state_dict, the first step's copied gradients become slot views again, and the run continues
+    exactly like the uninterrupted one."""
+    x, y = torch.randn(16, 5, dtype=torch.float64), torch.randn(16, 5, dtype=torch.float64)
+
+    def model():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(5, 5), torch.nn.Tanh(), torch.nn.Linear(5, 5)).double()
+
+    def train(m, opt, steps):
+        for _ in range(steps):
+            opt.zero_grad(set_to_none=False)
+            torch.nn.functional.mse_loss(m(x), y).backward()
+            opt.step()
+
+    m = model()
+    opt = CompiledSOAP(m.parameters(), precondition_frequency=3, compile=False)
+    train(m, opt, 5)
+    ckpt = copy.deepcopy((m.state_dict(), opt.state_dict()))
+    train(m, opt, 5)
+
+    m2 = model()
+    m2.load_state_dict(ckpt[0])
+    opt2 = CompiledSOAP(m2.parameters(), precondition_frequency=3, compile=False)
+    opt2.load_state_dict(ckpt[1])
+    train(m2, opt2, 5)
+    assert all(torch.equal(a, b) for a, b in zip(m.parameters(), m2.parameters()))
+    slots = {s.data_ptr() for b in opt2._buckets for s in b.grad_slots}
+    assert all(p.grad.data_ptr() in slots for p in m2.parameters())

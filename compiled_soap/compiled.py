@@ -272,22 +272,14 @@ class CompiledSOAP(torch.optim.Optimizer):
 
     def _after_run(self, stepping: np.ndarray) -> None:
         self._host_since += stepping
-        step = self._items["step"]
-        if step.device.type != "cuda":
-            self._host_step = step.numpy().copy()
-            self._host_since[:] = 0
-        elif self._snapshot is None:
-            host = torch.empty(step.shape, dtype=step.dtype, pin_memory=True)
-            host.copy_(step, non_blocking=True)
-            event = torch.cuda.Event()
-            event.record()
-            self._snapshot = (host, event, self._host_since.copy())
+        if self._snapshot is None:  # at most one read-back in flight
+            self._snapshot = (_ReadBack(self._items["step"]), self._host_since.copy())
 
     def _read_snapshot(self) -> None:
-        if self._snapshot is not None and self._snapshot[1].query():
-            host, _, since_at_copy = self._snapshot
+        if self._snapshot is not None and self._snapshot[0].ready():
+            read_back, since_at_copy = self._snapshot
             m = len(since_at_copy)  # parameters added since the copy keep their host-side counts
-            self._host_step[:m] = host.numpy()
+            self._host_step[:m] = read_back.values()
             self._host_since[:m] -= since_at_copy
             self._snapshot = None
 
@@ -433,6 +425,25 @@ class CompiledSOAP(torch.optim.Optimizer):
                 self._host_frequency[i] = s["precondition_frequency"]
             self._adopt_grads.update(ps)
         self._plan_changed()
+
+
+class _ReadBack:
+    """A device tensor's values on the host, copied without blocking it: poll ready() before values()."""
+
+    def __init__(self, t: torch.Tensor):
+        if t.is_cuda:
+            self._host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            self._host.copy_(t, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+        else:
+            self._host, self._event = t.clone(), None
+
+    def ready(self) -> bool:
+        return self._event is None or self._event.query()
+
+    def values(self) -> np.ndarray:
+        return self._host.numpy()
 
 
 def _frozen_shampoo_beta(group: dict) -> float:

@@ -473,3 +473,48 @@ def test_resume_with_in_place_zeroing_adopts_the_buffer():
     assert all(torch.equal(a, b) for a, b in zip(m.parameters(), m2.parameters()))
     slots = {s.data_ptr() for b in opt2._buckets for s in b.grad_slots}
     assert all(p.grad.data_ptr() in slots for p in m2.parameters())
+
+
+def test_refresh_choice_with_late_count_readback(monkeypatch):
+    """On CUDA the host learns the device's step counts late (an asynchronous copy it only reads once landed), and
+    steps skipped for non-finite gradients are decided on the device. Emulate a read-back that lands three polls
+    after it was issued, skip steps with NaN/Inf gradients, and check that every parameter still refreshes exactly
+    when the reference's does (a missed or early refresh changes the basis and the trajectory)."""
+    from compiled_soap import compiled
+
+    class LateReadBack(compiled._ReadBack):
+        def __init__(self, t):
+            super().__init__(t)
+            self.polls = 0
+
+        def ready(self):
+            self.polls += 1
+            return self.polls > 3
+
+    monkeypatch.setattr(compiled, "_ReadBack", LateReadBack)
+    shapes = [(5, 5), (4, 3), (6,)]
+    stream = gradient_stream(shapes, torch.float64, 30)
+    for t, i, bad in [(5, 0, float("nan")), (13, 0, float("inf")), (9, 1, float("nan")), (2, 2, float("-inf"))]:
+        stream[t][i] = stream[t][i].clone()
+        stream[t][i].view(-1)[0] = bad
+    kw = dict(precondition_frequency=4, precondition_1d=True)
+    runs = []
+    for factory in (lambda ps: SOAP(ps, **kw), lambda ps: CompiledSOAP(ps, compile=False, **kw)):
+        params = make_params(shapes, torch.float64)
+        opt = factory(params)
+        kinds = []
+        for grads in stream:
+            for p, g in zip(params, grads):
+                p.grad = g.clone()
+            opt.step()
+            kinds.append(getattr(opt, "last_step_kind", None))
+        runs.append((params, opt, kinds))
+    (ref, ref_opt, _), (fast, opt, kinds) = runs
+    assert relative_deviation(ref, fast, make_params(shapes, torch.float64)) < 1e-10
+    for p_ref, p_fast in zip(ref, fast):
+        assert int(ref_opt.state[p_ref]["step"]) == int(opt.state[p_fast]["step"])
+        assert ref_opt.state[p_ref]["skipped"] == int(opt.state[p_fast]["skipped"])
+    # Without skips refreshes would run at calls 5, 9, ..., 29 only; the host could not know about the skips in time,
+    # so it also ran the refresh graph at calls where a parameter might have been due.
+    refresh_calls = [t + 1 for t, k in enumerate(kinds) if k == "refresh"]
+    assert set(range(5, 31, 4)) <= set(refresh_calls) and len(refresh_calls) > len(range(5, 31, 4))

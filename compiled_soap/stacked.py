@@ -44,6 +44,12 @@ def gram(x: torch.Tensor, axis: int) -> torch.Tensor:
     return xa @ xa.transpose(1, 2)
 
 
+def _item_gram(x: torch.Tensor, axis: int) -> torch.Tensor:
+    """Mode-`axis` Gram matrix of one item as a single 2-D matrix product: [d, rest] @ [rest, d]."""
+    others = [a for a in range(x.dim()) if a != axis]
+    return x.permute(axis, *others).reshape(x.shape[axis], -1) @ x.permute(*others, axis).reshape(-1, x.shape[axis])
+
+
 def _along_axis(x: torch.Tensor, q: torch.Tensor, axis: int) -> torch.Tensor:
     """y[..., j, ...] = sum_i x[..., i, ...] q[i, j] along `axis` of each item."""
     xm = x.movedim(axis + 1, -1)
@@ -98,7 +104,11 @@ def initialize(plan: BucketPlan, grad: torch.Tensor, shampoo_beta: torch.Tensor)
             factors.append(None)
             bases.append(None)
             continue
-        gg = gram(g, axis)
+        # Spec trap 7: after one gradient a factor is usually rank deficient, and the null-space eigenvectors eigh
+        # returns are decided by the rounding of the factor. One matrix product per item (as in the per-parameter
+        # algorithm) instead of a batched one (whose small-size CPU kernel sums in another order) gives the same
+        # rounding, hence the same initial basis. Eager and once per parameter, so the loop costs nothing.
+        gg = torch.stack([_item_gram(x, axis) for x in g])
         f = torch.lerp(torch.zeros_like(gg), gg, weight)
         factors.append(f)
         bases.append(eigenbasis(f))

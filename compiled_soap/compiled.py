@@ -28,7 +28,7 @@ from . import stacked
 from .checkpoint import FORMAT_VERSION, check_and_convert
 from .nvtx_ranges import nvtx_range
 from .planning import BucketPlan, bucket_key, from_merged, layout_of, make_plan, to_merged
-from .validation import DEFAULTS, validate_grad, validate_hyperparameters, validate_param
+from .validation import DEFAULTS, validate_grad, validate_hyperparameters, validate_param_group
 
 
 class _Bucket:
@@ -104,12 +104,8 @@ class CompiledSOAP(torch.optim.Optimizer):
     # ------------------------------------------------------------------ param groups and per-parameter tensors
 
     def add_param_group(self, param_group: dict) -> None:
-        params = param_group["params"]
-        params = [params] if isinstance(params, torch.Tensor) else list(params)
-        for p in params:
-            validate_param(p)
-        validate_hyperparameters({**self.defaults, **{k: v for k, v in param_group.items() if k != "params"}})
-        devices = {p.device for p in params} | {p.device for g in self.param_groups for p in g["params"]}
+        validate_param_group(param_group, self.defaults)
+        devices = {p.device for p in param_group["params"]} | {p.device for g in self.param_groups for p in g["params"]}
         if len(devices) > 1:
             raise ValueError(f"CompiledSOAP needs all parameters on one device, got {sorted(map(str, devices))}")
         super().add_param_group(param_group)

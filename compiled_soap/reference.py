@@ -21,7 +21,7 @@ from typing import Callable, Optional
 import torch
 
 from .checkpoint import FORMAT_VERSION, check_and_convert
-from .validation import DEFAULTS, state_dtype, validate_grad, validate_hyperparameters, validate_param
+from .validation import DEFAULTS, state_dtype, validate_grad, validate_hyperparameters, validate_param_group
 
 
 class SOAP(torch.optim.Optimizer):
@@ -74,9 +74,7 @@ class SOAP(torch.optim.Optimizer):
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict) -> None:
-        for p in param_group["params"] if isinstance(param_group["params"], (list, tuple)) else [param_group["params"]]:
-            validate_param(p)
-        validate_hyperparameters({**self.defaults, **{k: v for k, v in param_group.items() if k != "params"}})
+        validate_param_group(param_group, self.defaults)
         super().add_param_group(param_group)
 
     def state_dict(self):

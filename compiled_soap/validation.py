@@ -85,6 +85,16 @@ def validate_param(p: torch.Tensor) -> None:
         raise ValueError("SOAP does not support sparse parameters")
 
 
+def validate_param_group(group: dict, defaults: dict) -> None:
+    """Check a param group before it is added; its "params" become a list (a generator, e.g. model.parameters(),
+    would otherwise be consumed by the check)."""
+    params = group["params"]
+    group["params"] = [params] if isinstance(params, torch.Tensor) else list(params)
+    for p in group["params"]:
+        validate_param(p)
+    validate_hyperparameters({**defaults, **{k: v for k, v in group.items() if k != "params"}})
+
+
 def validate_grad(p: torch.Tensor) -> None:
     """Checked at every step for parameters that have a gradient."""
     g = p.grad

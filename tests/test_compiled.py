@@ -548,3 +548,14 @@ def test_initial_basis_is_the_references_even_with_random_gradients(name):
         assert all(torch.equal(a, b) for a, b in zip(f_ref, f_fast))
         assert all(torch.equal(a, b) for a, b in zip(q_ref, q_fast))
     assert relative_deviation(ref, fast, make_params(shapes, torch.float32)) < 1e-5
+
+
+@pytest.mark.parametrize("cls", [SOAP, CompiledSOAP])
+def test_param_group_given_as_generator(cls):
+    """[{"params": model.parameters()}] is the usual way to build groups; the check must not consume it."""
+    model = torch.nn.Linear(3, 3)
+    kw = {"compile": False} if cls is CompiledSOAP else {}
+    opt = cls([{"params": model.parameters(), "lr": 1e-2}], **kw)
+    assert len(opt.param_groups[0]["params"]) == 2
+    opt.add_param_group({"params": torch.nn.Linear(2, 2).parameters()})
+    assert len(opt.param_groups[1]["params"]) == 2

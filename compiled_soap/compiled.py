@@ -28,15 +28,19 @@ from . import stacked
 from .checkpoint import FORMAT_VERSION, check_and_convert
 from .nvtx_ranges import nvtx_range
 from .planning import BucketPlan, bucket_key, from_merged, layout_of, make_plan, to_merged
-from .validation import DEFAULTS, validate_grad, validate_hyperparameters, validate_param_group
+from .validation import checked_defaults, validate_grad, validate_param_group
 
 
 class _Bucket:
     """One bucket's plan, its tensors (as the stacked functions take them) and its parameters."""
 
-    def __init__(self, plan: BucketPlan, tensors: dict, params: list, indices: list[int]):
-        self.plan, self.tensors, self.params, self.indices = plan, tensors, params, indices
+    def __init__(self, plan: BucketPlan, tensors: dict, indices: list[int]):
+        self.plan, self.tensors, self.indices = plan, tensors, indices
         self.grad_slots = list(tensors["grad"].unbind(0))  # static views the gradients are copied into
+
+    @property
+    def params(self) -> list:
+        return self.tensors["params"]
 
 
 class CompiledSOAP(torch.optim.Optimizer):
@@ -77,14 +81,7 @@ class CompiledSOAP(torch.optim.Optimizer):
         mode: Optional[str] = "reduce-overhead",
         backend: str = "inductor",
     ):
-        defaults = dict(
-            lr=lr, betas=betas, shampoo_beta=shampoo_beta, eps=eps, weight_decay=weight_decay,
-            precondition_frequency=precondition_frequency, max_precond_dim=max_precond_dim, merge_dims=merge_dims,
-            precondition_1d=precondition_1d, normalize_grads=normalize_grads, data_format=data_format,
-            correct_bias=correct_bias,
-        )
-        assert set(defaults) == set(DEFAULTS)
-        validate_hyperparameters(defaults)
+        defaults = checked_defaults(locals())
         self._use_compile = compile
         self._mode = mode if backend == "inductor" else None
         self._backend = backend
@@ -111,12 +108,9 @@ class CompiledSOAP(torch.optim.Optimizer):
         super().add_param_group(param_group)
         self._resize_items()
 
-    def _all_params(self) -> list[torch.Tensor]:
-        return [p for g in self.param_groups for p in g["params"]]
-
     def _resize_items(self) -> None:
         """(Re)build the per-parameter device tensors, keeping the values of parameters seen before."""
-        params = self._all_params()
+        self._params = params = [p for g in self.param_groups for p in g["params"]]
         n, old = len(params), self._items
         device = params[0].device if params else torch.device("cpu")
         items = {
@@ -151,6 +145,8 @@ class CompiledSOAP(torch.optim.Optimizer):
     def _plan_changed(self) -> None:
         self._plan_version += 1
         self._functions.clear()
+        # (slot, parameter, index) for every bucketed parameter: what _gather_grads walks at each step.
+        self._grad_routes = [r for b in self._buckets for r in zip(b.grad_slots, b.params, b.indices)]
         self._publish_state()
 
     # ------------------------------------------------------------------ step
@@ -163,7 +159,7 @@ class CompiledSOAP(torch.optim.Optimizer):
                 loss = closure()
         with nvtx_range("step"):
             with nvtx_range("prepare"):
-                params = self._all_params()
+                params = self._params
                 has_grad = np.zeros(len(params), dtype=bool)
                 for i, p in enumerate(params):
                     if p.grad is not None:
@@ -241,19 +237,17 @@ class CompiledSOAP(torch.optim.Optimizer):
         With set_to_none=True autograd hands out fresh tensors, which are copied (never stale memory: the address
         is checked every step)."""
         slots, grads = [], []
-        for b in self._buckets:
-            for slot, p, i in zip(b.grad_slots, b.params, b.indices):
-                if stepping[i] and p.grad.data_ptr() != slot.data_ptr():
-                    slots.append(slot)
-                    grads.append(p.grad)
+        for slot, p, i in self._grad_routes:
+            if stepping[i] and p.grad.data_ptr() != slot.data_ptr():
+                slots.append(slot)
+                grads.append(p.grad)
         if slots:
             torch._foreach_copy_(slots, grads)
         if self._adopt_grads:  # parameters restored by load_state_dict: make their .grad the slot from now on
-            for b in self._buckets:
-                for slot, p, i in zip(b.grad_slots, b.params, b.indices):
-                    if stepping[i] and p in self._adopt_grads:
-                        _adopt_grad(p, slot)
-                        self._adopt_grads.discard(p)
+            for slot, p, i in self._grad_routes:
+                if stepping[i] and p in self._adopt_grads:
+                    _adopt_grad(p, slot)
+                    self._adopt_grads.discard(p)
 
     def _refresh_possible(self, stepping: np.ndarray) -> bool:
         """Could any stepping parameter's new step count be a multiple of its refresh period?
@@ -324,7 +318,7 @@ class CompiledSOAP(torch.optim.Optimizer):
         }
         self._mark_static([grad, exp_avg, exp_avg_sq, tensors["index"], *params,
                            *[t for t in factors + bases if t is not None]])
-        self._buckets.append(_Bucket(plan, tensors, list(params), list(indices)))
+        self._buckets.append(_Bucket(plan, tensors, list(indices)))
 
     def _mark_static(self, tensors: list) -> None:
         # Static inputs keep their addresses inside the CUDA graph instead of being copied in at every replay.
@@ -355,7 +349,7 @@ class CompiledSOAP(torch.optim.Optimizer):
         uninitialized = np.flatnonzero(~self._initialized)
         if len(uninitialized):
             counts = items["skipped"][torch.from_numpy(uninitialized).to(items["skipped"].device)].tolist()
-            params = self._all_params()
+            params = self._params
             for i, n in zip(uninitialized.tolist(), counts):
                 if n:
                     self.state[params[i]] = {"skipped": items["skipped"][i]}
@@ -366,7 +360,7 @@ class CompiledSOAP(torch.optim.Optimizer):
         return self._items["skipped"]
 
     def state_dict(self) -> dict:
-        index = {p: i for i, p in enumerate(self._all_params())}
+        index = {p: i for i, p in enumerate(self._params)}
         groups = []
         for g in self.param_groups:
             groups.append({**{k: v for k, v in g.items() if k != "params"}, "params": [index[p] for p in g["params"]]})
@@ -396,7 +390,7 @@ class CompiledSOAP(torch.optim.Optimizer):
         self.param_groups = groups
         self._buckets, self._items, self._initialized, self._adopt_grads = [], None, None, set()
         self._resize_items()
-        params = self._all_params()
+        params = self._params
         group_of = {p: g for g in groups for p in g["params"]}
         members: dict[tuple, list] = defaultdict(list)
         for i, p in enumerate(params):

@@ -21,7 +21,7 @@ from typing import Callable, Optional
 import torch
 
 from .checkpoint import FORMAT_VERSION, check_and_convert
-from .validation import DEFAULTS, state_dtype, validate_grad, validate_hyperparameters, validate_param_group
+from .validation import checked_defaults, state_dtype, validate_grad, validate_param_group
 
 
 class SOAP(torch.optim.Optimizer):
@@ -63,14 +63,7 @@ class SOAP(torch.optim.Optimizer):
         data_format: str = "channels_first",
         correct_bias: bool = True,
     ):
-        defaults = dict(
-            lr=lr, betas=betas, shampoo_beta=shampoo_beta, eps=eps, weight_decay=weight_decay,
-            precondition_frequency=precondition_frequency, max_precond_dim=max_precond_dim, merge_dims=merge_dims,
-            precondition_1d=precondition_1d, normalize_grads=normalize_grads, data_format=data_format,
-            correct_bias=correct_bias,
-        )
-        assert set(defaults) == set(DEFAULTS)
-        validate_hyperparameters(defaults)
+        defaults = checked_defaults(locals())
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict) -> None:

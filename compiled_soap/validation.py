@@ -85,6 +85,13 @@ def validate_param(p: torch.Tensor) -> None:
         raise ValueError("SOAP does not support sparse parameters")
 
 
+def checked_defaults(arguments: dict[str, Any]) -> dict[str, Any]:
+    """The hyperparameters among a constructor's arguments (its locals()), validated."""
+    defaults = {k: arguments[k] for k in DEFAULTS}
+    validate_hyperparameters(defaults)
+    return defaults
+
+
 def validate_param_group(group: dict, defaults: dict) -> None:
     """Check a param group before it is added; its "params" become a list (a generator, e.g. model.parameters(),
     would otherwise be consumed by the check)."""

@@ -7,7 +7,8 @@ and a bar chart next to the JSON. What each field means: profiling/README.md. On
 gradients are synthetic (presets.py), fixed, and assigned before each step.
 
 The run uses a short refresh period (--refresh-period, default 4) so that refresh steps are sampled often; plain and
-refresh steps are timed separately and `amortized_step_ms` re-weights them to the library's default period (10).
+refresh steps are timed separately and `amortized_step_ms` re-weights them to the library's default period
+(compiled_soap.hyperparameters.DEFAULTS["precondition_frequency"]).
 """
 
 from __future__ import annotations
@@ -30,12 +31,9 @@ import bench_report as report  # noqa: E402
 from presets import PRESETS, make_grads  # noqa: E402
 from bench_runner import FLOP_VARIANT, OPTIMIZERS, Runner, Unavailable, sync  # noqa: E402
 
-try:
-    from compiled_soap.validation import DEFAULTS as _SOAP_DEFAULTS
+from compiled_soap.hyperparameters import DEFAULTS as SOAP_DEFAULTS  # noqa: E402
 
-    AMORTIZE_PERIOD = int(_SOAP_DEFAULTS["precondition_frequency"])
-except Exception:  # noqa: BLE001 - the library's default, if its layout changes
-    AMORTIZE_PERIOD = 10
+AMORTIZE_PERIOD = int(SOAP_DEFAULTS["precondition_frequency"])  # the library's default refresh period
 
 ROW_FIELDS = [
     "preset", "optimizer", "available", "skipped", "error", "timer",

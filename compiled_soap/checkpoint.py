@@ -1,28 +1,49 @@
-"""Checkpoint layout shared by `SOAP` and `CompiledSOAP`: torch.optim's per-parameter state_dict.
+"""Checkpoint layout shared by `SOAP` and `CompiledSOAP` (docs/spec.md §9), and torch.optim's state_dict hooks.
 
-Per parameter (keyed by its index over param_groups, as in torch.optim):
-    step                    int, real updates done (0 after the initialisation call)
+`state_dict()` is torch.optim's layout: "param_groups" as in torch.optim, "state" keyed by each parameter's index over
+the param groups, plus a top-level "format_version" (FORMAT_VERSION = 2). Saved per parameter (`saved_entry`):
+    step                    int, real updates done (the bias-correction t; 0 after the initialisation call)
     exp_avg                 first moment, parameter shape, in the eigenbasis (spec §2)
     exp_avg_sq              second moment, parameter shape, in the eigenbasis
-    GG                      list over (merged) axes: factor [d, d], or None for an axis without one
-    Q                       list over (merged) axes: eigenbasis [d, d], or None
+    GG                      list over (merged) axes: factor [d, d], or [] for an axis without one
+    Q                       list over (merged) axes: eigenbasis [d, d], or []
     precondition_frequency  int, frozen at the first step
     shampoo_beta            float, frozen at the first step
-    skipped                 int, steps skipped for a non-finite gradient
-plus a top-level "format_version". Both classes write and read exactly this, so a checkpoint of one loads into the
-other. Loading checks everything first and changes nothing when it raises.
+    skipped                 int, calls skipped for a non-finite gradient (spec §8)
+    refresh_clock           int, the refresh clock (spec §8)
+A parameter whose every gradient so far was non-finite is saved as {"skipped": n}. An absent factor is written as [],
+exactly as the paper's soap.py writes it, so the paper's optimizer can load these checkpoints and continue (it ignores
+the two counters). In memory both classes use None for an absent factor. Factors and eigenbases keep their memory
+layout when saved (see `_saved_matrix`), which is what makes a resume bit-identical.
+
+`check_and_convert` reads versions 0 (no "format_version": this package before versioning, or the paper's own
+soap.py; [] for absent factors, no skipped, no refresh_clock), 1 (None for absent factors, no refresh_clock) and 2
+(the layout above, refresh_clock required); a missing skipped is 0 and, in versions 0 and 1, the refresh clock is
+taken as step (spec §8). The factor of a zero-length axis is empty in whatever form it was written (the paper writes
+a 0x0 GG and [] for its Q). A hyperparameter missing from a saved param group keeps the optimizer's current value
+(the paper's optimizer keeps data_format outside its groups). Everything is checked before anything is changed, so
+a rejected checkpoint leaves the optimizer as it was.
+
+`state_dict_with_hooks` / `load_state_dict_with_hooks` fire the hooks registered with torch.optim.Optimizer's
+register_(load_)state_dict_(pre|post)_hook exactly as torch.optim.Optimizer.(load_)state_dict does, around a
+class's own way of building or loading the state.
 """
 
 from __future__ import annotations
 
 import copy
-from typing import Any
+import math
+import numbers
+from typing import Any, Callable
 
 import torch
 
-from .validation import state_dtype, validate_hyperparameters
+from .hyperparameters import validate_hyperparameters
+from .validation import state_dtype
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+SAVED_KEYS = ("step", "exp_avg", "exp_avg_sq", "GG", "Q", "precondition_frequency", "shampoo_beta", "skipped",
+              "refresh_clock")
 _TENSOR_KEYS = ("exp_avg", "exp_avg_sq")
 _REQUIRED_KEYS = ("step", "exp_avg", "exp_avg_sq", "GG", "Q", "precondition_frequency", "shampoo_beta")
 
@@ -31,29 +52,158 @@ def _fail(msg: str) -> None:
     raise ValueError(f"cannot load SOAP state_dict: {msg}")
 
 
-def migrate(state_dict: dict[str, Any]) -> dict[str, Any]:
-    """Bring an older checkpoint to FORMAT_VERSION, or reject it.
+# ------------------------------------------------------------------------------------------------------ saving
 
-    Version 0 is a checkpoint without the field (this package before versioning, or the paper's own soap.py): the
-    same keys, with [] where a factor is absent and no "skipped" counter.
-    """
+
+def _saved_moment(t: torch.Tensor) -> torch.Tensor:
+    # Contiguous: the in-memory moment may be a strided view of a larger (stacked) tensor.
+    return t.detach().clone(memory_format=torch.contiguous_format)
+
+
+def _saved_matrix(m: torch.Tensor) -> torch.Tensor:
+    # A copy of its own, in the same memory layout: eigh and QR return column-major matrices, and the matmuls of the
+    # following steps round differently on a row-major copy, so keeping the layout is what makes a resumed run (ours,
+    # or the paper's optimizer loading this checkpoint) continue bit for bit. A non-dense view is copied contiguous.
+    return m.detach().clone()
+
+
+def saved_entry(entry: dict[str, Any]) -> dict[str, Any]:
+    """One parameter's in-memory state (None for an absent factor; counters as ints or 0-dim tensors) in its saved
+    form: ints and floats, tensors cloned (moments contiguous, factors and bases in their layout), [] for an absent
+    factor. An entry without "Q" (a parameter that was never initialised) keeps only its skip count."""
+    if "Q" not in entry:
+        return {"skipped": int(entry.get("skipped", 0))}
+    return {
+        "step": int(entry["step"]),
+        "exp_avg": _saved_moment(entry["exp_avg"]),
+        "exp_avg_sq": _saved_moment(entry["exp_avg_sq"]),
+        "GG": [[] if m is None else _saved_matrix(m) for m in entry["GG"]],
+        "Q": [[] if m is None else _saved_matrix(m) for m in entry["Q"]],
+        "precondition_frequency": int(entry["precondition_frequency"]),
+        "shampoo_beta": float(entry["shampoo_beta"]),
+        "skipped": int(entry["skipped"]),
+        "refresh_clock": int(entry["refresh_clock"]),
+    }
+
+
+# ------------------------------------------------------------------------------------------------------ hooks
+
+
+def state_dict_with_hooks(optimizer: torch.optim.Optimizer, build: Callable[[], dict]) -> dict:
+    """`build()`'s state_dict, with the optimizer's state_dict hooks fired as torch.optim fires them: every pre hook
+    with the optimizer first; then every post hook with (optimizer, state_dict), a non-None result replacing it."""
+    for pre_hook in optimizer._optimizer_state_dict_pre_hooks.values():
+        pre_hook(optimizer)
+    state_dict = build()
+    for post_hook in optimizer._optimizer_state_dict_post_hooks.values():
+        result = post_hook(optimizer, state_dict)
+        if result is not None:
+            state_dict = result
+    return state_dict
+
+
+def load_state_dict_with_hooks(optimizer: torch.optim.Optimizer, state_dict: dict,
+                               load: Callable[[dict], None]) -> None:
+    """`load(state_dict)` with the optimizer's load_state_dict hooks fired as torch.optim fires them: each pre hook
+    gets (optimizer, a shallow copy of state_dict) and a non-None result replaces it; the post hooks get the optimizer
+    once loading is done (not when it raised)."""
+    state_dict = state_dict.copy()  # shallow, as torch.optim does: a hook may edit its top level freely
+    for pre_hook in optimizer._optimizer_load_state_dict_pre_hooks.values():
+        result = pre_hook(optimizer, state_dict)
+        if result is not None:
+            state_dict = result
+    load(state_dict)
+    for post_hook in optimizer._optimizer_load_state_dict_post_hooks.values():
+        post_hook(optimizer)
+
+
+# ------------------------------------------------------------------------------------------------------ loading
+
+
+def _version(state_dict: Any) -> int:
+    if not isinstance(state_dict, dict):
+        _fail(f"expected a dict, got {type(state_dict).__name__}")
     version = state_dict.get("format_version", 0)
-    if not isinstance(version, int) or version < 0 or version > FORMAT_VERSION:
+    if not isinstance(version, int) or isinstance(version, bool) or not 0 <= version <= FORMAT_VERSION:
         _fail(f"format_version {version!r} is not supported (this build reads 0..{FORMAT_VERSION})")
-    if "state" not in state_dict or "param_groups" not in state_dict:
-        _fail("it needs the keys 'state' and 'param_groups'")
-    if version == FORMAT_VERSION:
-        return state_dict
-    state = {}
-    for k, s in state_dict["state"].items():
-        s = dict(s)
-        for key in ("GG", "Q"):
-            if isinstance(s.get(key), list):
-                s[key] = [None if isinstance(m, list) or (isinstance(m, torch.Tensor) and m.numel() == 0) else m
-                          for m in s[key]]
-        s.setdefault("skipped", 0)
-        state[k] = s
-    return {**state_dict, "state": state, "format_version": FORMAT_VERSION}
+    if not isinstance(state_dict.get("state"), dict) or not isinstance(state_dict.get("param_groups"), (list, tuple)):
+        _fail("it needs the keys 'state' (a dict) and 'param_groups' (a list)")
+    return version
+
+
+def _count(pid: Any, key: str, value: Any, minimum: int = 0) -> int:
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < minimum:
+        _fail(f"parameter {pid!r}: {key} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def _factor(pid: Any, key: str, m: Any, version: int, size: Any, p: torch.Tensor, sdtype: torch.dtype):
+    """One saved factor entry -> None (absent) or a square tensor of side `size` on p's device."""
+    absent = m is None if version == 1 else (isinstance(m, list) and len(m) == 0)
+    if size == 0:
+        # A zero-length axis: its factor is empty whichever way it was written (the paper writes a 0x0 GG and []
+        # for its Q), so any empty form is accepted.
+        if absent or (isinstance(m, torch.Tensor) and m.shape == (0, 0)):
+            return torch.zeros(0, 0, dtype=sdtype, device=p.device)
+        _fail(f"parameter {pid!r}: {key} of a zero-length axis must be empty, got {getattr(m, 'shape', m)!r}")
+    if absent:
+        if size is not None:
+            _fail(f"parameter {pid!r} of shape {tuple(p.shape)}: {key} has no factor where one of size {size} is "
+                  "expected")
+        return None
+    if not isinstance(m, torch.Tensor) or m.dim() != 2 or m.shape[0] != m.shape[1]:
+        what = repr(m) if m is None or isinstance(m, list) else f"{type(m).__name__} {tuple(getattr(m, 'shape', ()))}"
+        _fail(f"parameter {pid!r}: {key} entries must be square matrices or the version-{version} mark of an absent "
+              f"factor ({'None' if version == 1 else '[]'}), got {what}")
+    if m.shape[0] != size:
+        _fail(f"parameter {pid!r} of shape {tuple(p.shape)}: {key} has a factor of size {m.shape[0]} where "
+              f"{'none' if size is None else size} is expected")
+    if m.dtype != sdtype:
+        _fail(f"parameter {pid!r}: {key} has dtype {m.dtype}, a {p.dtype} parameter keeps {sdtype}")
+    return m.detach().to(device=p.device, copy=True)
+
+
+def _entry(pid: Any, saved: Any, version: int, p: torch.Tensor, group: dict, factor_sizes) -> dict[str, Any]:
+    if not isinstance(saved, dict):
+        _fail(f"parameter {pid!r}: its state must be a dict, got {type(saved).__name__}")
+    missing = [k for k in _REQUIRED_KEYS if k not in saved]
+    if missing:
+        if set(saved) <= {"skipped"}:  # a parameter that only ever had non-finite gradients
+            return {"skipped": _count(pid, "skipped", saved.get("skipped", 0))}
+        _fail(f"parameter {pid!r}: missing keys {missing}")
+    sdtype = state_dtype(p.dtype)
+    s: dict[str, Any] = {"step": _count(pid, "step", saved["step"])}
+    for key in _TENSOR_KEYS:
+        t = saved[key]
+        if not isinstance(t, torch.Tensor) or t.shape != p.shape:
+            _fail(f"parameter {pid!r}: {key} has shape {getattr(t, 'shape', None)}, the parameter {tuple(p.shape)}")
+        if t.dtype != sdtype:
+            _fail(f"parameter {pid!r}: {key} has dtype {t.dtype}, a {p.dtype} parameter keeps {sdtype} state")
+        s[key] = t.detach().to(device=p.device, copy=True)
+    if not isinstance(saved["GG"], list) or not isinstance(saved["Q"], list) or len(saved["GG"]) != len(saved["Q"]):
+        _fail(f"parameter {pid!r}: GG and Q must be lists of equal length")
+    expected = list(factor_sizes(p, group))
+    if len(saved["GG"]) != len(expected):
+        _fail(f"parameter {pid!r} of shape {tuple(p.shape)}: {len(saved['GG'])} factor entries, expected "
+              f"{len(expected)} (factor sizes {expected})")
+    for key in ("GG", "Q"):
+        s[key] = [_factor(pid, key, m, version, size, p, sdtype) for m, size in zip(saved[key], expected)]
+    s["precondition_frequency"] = _count(pid, "precondition_frequency", saved["precondition_frequency"], minimum=1)
+    sb = saved["shampoo_beta"]
+    if not isinstance(sb, numbers.Real) or isinstance(sb, bool) or not math.isfinite(sb) or not 0 <= sb < 1:
+        _fail(f"parameter {pid!r}: shampoo_beta must be a number in [0, 1), got {sb!r}")
+    s["shampoo_beta"] = float(sb)
+    s["skipped"] = _count(pid, "skipped", saved.get("skipped", 0))
+    if version >= 2:
+        if "refresh_clock" not in saved:
+            _fail(f"parameter {pid!r}: missing key 'refresh_clock' (format_version {version})")
+        s["refresh_clock"] = _count(pid, "refresh_clock", saved["refresh_clock"])
+        if s["refresh_clock"] < s["step"]:
+            # The clock counts every call with a gradient after the initialisation call, the step only the finite ones.
+            _fail(f"parameter {pid!r}: refresh_clock {s['refresh_clock']} is below step {s['step']}")
+    else:
+        s["refresh_clock"] = s["step"]  # spec §8: without skipped calls the clock equals the step
+    return s
 
 
 def check_and_convert(optimizer: torch.optim.Optimizer, state_dict: dict[str, Any], factor_sizes):
@@ -61,75 +211,37 @@ def check_and_convert(optimizer: torch.optim.Optimizer, state_dict: dict[str, An
 
     `factor_sizes(param, group)` gives the factor size per (merged) axis, None where an axis has no factor.
 
-    Nothing of the optimizer is touched; the returned tensors are copies on the parameters' devices in the state
-    dtype of each parameter (fp32, or fp64 for fp64 parameters).
+    The returned param groups are the saved ones (deep copies) holding the optimizer's parameters; a hyperparameter
+    missing from a saved group (the paper's soap.py keeps data_format outside its groups) keeps the current group's
+    value. The returned states are in memory form: None for an absent factor, ints for the counters, "refresh_clock"
+    always present; their tensors are copies on the parameters' devices in each parameter's state dtype (fp32, or fp64
+    for fp64 parameters). Nothing of the optimizer is touched.
     """
-    state_dict = migrate(state_dict)
+    version = _version(state_dict)
     groups, saved_groups = optimizer.param_groups, state_dict["param_groups"]
     if len(groups) != len(saved_groups):
         _fail(f"it has {len(saved_groups)} param groups, the optimizer has {len(groups)}")
     id_to_param: dict[Any, torch.Tensor] = {}
-    sg_of: dict[Any, dict] = {}
+    group_of: dict[Any, dict] = {}
+    new_groups = []
     for gi, (g, sg) in enumerate(zip(groups, saved_groups)):
+        if not isinstance(sg, dict) or not isinstance(sg.get("params"), (list, tuple)):
+            _fail(f"param group {gi} must be a dict with a list 'params'")
         if len(g["params"]) != len(sg["params"]):
             _fail(f"param group {gi} has {len(sg['params'])} parameters in the checkpoint, {len(g['params'])} here")
         id_to_param.update(zip(sg["params"], g["params"]))
-        hyper = {**optimizer.defaults, **{k: v for k, v in sg.items() if k != "params"}}
+        merged = {**{k: v for k, v in g.items() if k != "params"},
+                  **copy.deepcopy({k: v for k, v in sg.items() if k != "params"})}
         try:
-            validate_hyperparameters(hyper)
+            validate_hyperparameters(merged)
         except ValueError as e:
             _fail(f"param group {gi}: {e}")
-        sg_of.update((pid, hyper) for pid in sg["params"])
+        group_of.update((pid, merged) for pid in sg["params"])
+        new_groups.append({**merged, "params": g["params"]})
 
     new_state: dict[torch.Tensor, dict[str, Any]] = {}
     for pid, saved in state_dict["state"].items():
         if pid not in id_to_param:
             _fail(f"state for parameter id {pid!r}, which is in no param group")
-        p = id_to_param[pid]
-        missing = [k for k in _REQUIRED_KEYS if k not in saved]
-        if missing:
-            if set(saved) <= {"skipped"}:  # a parameter that only ever had non-finite gradients
-                new_state[p] = {"skipped": int(saved.get("skipped", 0))}
-                continue
-            _fail(f"parameter {pid!r}: missing keys {missing}")
-        sdtype = state_dtype(p.dtype)
-        s: dict[str, Any] = {}
-        for key in _TENSOR_KEYS:
-            t = saved[key]
-            if not isinstance(t, torch.Tensor) or t.shape != p.shape:
-                _fail(f"parameter {pid!r}: {key} has shape {getattr(t, 'shape', None)}, the parameter {tuple(p.shape)}")
-            if t.dtype != sdtype:
-                _fail(f"parameter {pid!r}: {key} has dtype {t.dtype}, a {p.dtype} parameter keeps {sdtype} state")
-            s[key] = t.detach().to(device=p.device, copy=True)
-        if not isinstance(saved["GG"], list) or not isinstance(saved["Q"], list) or len(saved["GG"]) != len(saved["Q"]):
-            _fail(f"parameter {pid!r}: GG and Q must be lists of equal length")
-        expected = factor_sizes(p, sg_of[pid])
-        found = [None if f is None else f.shape[0] for f in saved["GG"]]
-        if found != expected:
-            _fail(f"parameter {pid!r} of shape {tuple(p.shape)}: factor sizes {found}, expected {expected}")
-        for key in ("GG", "Q"):
-            mats = []
-            for f, q in zip(saved["GG"], saved["Q"]):
-                if (f is None) != (q is None):
-                    _fail(f"parameter {pid!r}: GG and Q disagree on which axes have factors")
-                m = f if key == "GG" else q
-                if m is not None:
-                    if not isinstance(m, torch.Tensor) or m.dim() != 2 or m.shape[0] != m.shape[1]:
-                        _fail(f"parameter {pid!r}: {key} entries must be square matrices")
-                    if m.dtype != sdtype:
-                        _fail(f"parameter {pid!r}: {key} has dtype {m.dtype}, a {p.dtype} parameter keeps {sdtype}")
-                    m = m.detach().to(device=p.device, copy=True)
-                mats.append(m)
-            s[key] = mats
-        s["step"] = int(saved["step"])
-        s["precondition_frequency"] = int(saved["precondition_frequency"])
-        s["shampoo_beta"] = float(saved["shampoo_beta"])
-        s["skipped"] = int(saved.get("skipped", 0))
-        new_state[p] = s
-
-    new_groups = []
-    for g, sg in zip(groups, saved_groups):
-        ng = copy.deepcopy({k: v for k, v in sg.items() if k != "params"})
-        ng["params"] = g["params"]
-        new_groups.append(ng)
+        new_state[id_to_param[pid]] = _entry(pid, saved, version, id_to_param[pid], group_of[pid], factor_sizes)
     return new_groups, new_state

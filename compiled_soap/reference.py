@@ -1,27 +1,45 @@
 """`SOAP`: the eager, per-parameter reference. The oracle every fast path is tested against.
 
 It follows the SOAP paper's own code (Vyas et al. 2024, soap.py) operation by operation, so that fp32 runs agree with
-it to rounding; section numbers below refer to shared/SOAP_SPEC.md. It deliberately shares no math with the batched
-fast path (`compiled_soap.stacked`): tests between the two only mean something if the two are independent.
+it bit for bit; section numbers below refer to docs/spec.md. It deliberately shares no math with the batched fast path
+(`compiled_soap.stacked`): tests between the two only mean something if the two are independent.
 
 Departures from the paper's code (spec §6), all of which leave fp32 results unchanged:
   1. the closure runs with autograd enabled (the paper evaluates it under no_grad, so closure training fails);
   2. any float dtype works: factors, eigenbases and moments are fp32 for 16/32-bit parameters, fp64 for fp64 ones;
   3. eigh and QR run in the factor dtype (the paper always uses fp32), so fp64 runs are fp64-accurate.
-Additions: hyperparameters are validated; a step whose gradient holds NaN/Inf is skipped for that parameter (its value
-and state stay exactly as they were, `state["skipped"]` counts it).
+Additions (spec §8, §9):
+  - hyperparameters are validated at construction, in add_param_group and again at the start of every step() (so a
+    bad value written into param_groups raises before anything changes); numpy scalars are accepted;
+  - the same tensor listed twice in a param group is an error;
+  - a call whose gradient holds NaN/Inf is skipped for that parameter: its value and state stay as they were except
+    `state["skipped"]`, which counts it, and `state["refresh_clock"]`;
+  - the eigenbasis refresh follows the refresh clock (the calls with a gradient after the initialisation call,
+    skipped ones included) instead of the step; without skipped calls the two are equal and so is the schedule;
+  - state_dict() writes the checkpoint layout of `checkpoint` (absent factors as [], as the paper's code does, so
+    the paper's optimizer loads it), and load_state_dict() reads it without casting fp32 state to a 16-bit
+    parameter's dtype; both fire torch.optim's state_dict hooks.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
 from itertools import chain
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
+import numpy as np
 import torch
 
-from .checkpoint import FORMAT_VERSION, check_and_convert
-from .validation import checked_defaults, state_dtype, validate_grad, validate_param_group
+from .checkpoint import (FORMAT_VERSION, check_and_convert, load_state_dict_with_hooks, saved_entry,
+                         state_dict_with_hooks)
+from .hyperparameters import checked_defaults, validate_hyperparameters, validate_param_group
+from .validation import state_dtype, validate_grad
+
+
+def _number(x: Any) -> Any:
+    """A numpy scalar as the Python number of the same value (so np.float32(3e-3) steps like float(np.float32(3e-3)));
+    anything else (Python numbers, a tensor lr) as it is."""
+    return x.item() if isinstance(x, np.generic) else x
 
 
 class SOAP(torch.optim.Optimizer):
@@ -35,7 +53,8 @@ class SOAP(torch.optim.Optimizer):
             first step.
         eps: added to sqrt(V) (HF convention: not bias-corrected).
         weight_decay: decoupled, applied after the update with the plain lr, only when > 0.
-        precondition_frequency: eigenbasis refresh period f, in real updates; frozen per parameter at its first step.
+        precondition_frequency: eigenbasis refresh period f, on the parameter's refresh clock (spec §8); frozen per
+            parameter at its first step.
         max_precond_dim: axes longer than this get no factor (identity along that axis).
         merge_dims: greedily merge adjacent axes up to max_precond_dim before factoring.
         precondition_1d: give 1-D parameters a factor (otherwise they get plain Adam).
@@ -70,27 +89,61 @@ class SOAP(torch.optim.Optimizer):
         validate_param_group(param_group, self.defaults)
         super().add_param_group(param_group)
 
-    def state_dict(self):
-        sd = super().state_dict()
-        sd["format_version"] = FORMAT_VERSION
-        return sd
+    def __setstate__(self, state: dict) -> None:
+        had_differentiable = "differentiable" in state.get("defaults", {})
+        super().__setstate__(state)
+        if not had_differentiable:  # torch.optim adds it; it is no hyperparameter of SOAP's
+            self.defaults.pop("differentiable", None)
+        for s in self.state.values():  # pickled before the refresh clock existed: no call was skipped since init
+            if "Q" in s and "refresh_clock" not in s:
+                s["refresh_clock"] = s["step"]
 
-    def load_state_dict(self, state_dict) -> None:
+    # ------------------------------------------------------------------ checkpoints (spec §9)
+
+    def state_dict(self) -> dict:
+        return state_dict_with_hooks(self, self._build_state_dict)
+
+    def _build_state_dict(self) -> dict:
+        index: dict[int, int] = {}
+        groups = []
+        for g in self.param_groups:
+            packed = {k: v for k, v in g.items() if k != "params"}
+            packed["params"] = [index.setdefault(id(p), len(index)) for p in g["params"]]
+            groups.append(packed)
+        state = {}
+        for g in self.param_groups:
+            for p in g["params"]:
+                s = self.state.get(p)
+                if s and ("Q" in s or s.get("skipped", 0)):  # not the empty entries a lookup of self.state[p] makes
+                    state[index[id(p)]] = saved_entry(s)
+        return {"state": state, "param_groups": groups, "format_version": FORMAT_VERSION}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        load_state_dict_with_hooks(self, state_dict, self._load)
+
+    def _load(self, state_dict: dict) -> None:
         # torch.optim's loader would cast the fp32 state of a bf16 parameter down to bf16: do it ourselves.
         groups, state = check_and_convert(self, state_dict, self._factor_sizes)
         self.param_groups = groups
         self.state = defaultdict(dict, state)
 
     def _factor_sizes(self, p: torch.Tensor, group: dict) -> list:
+        limit = _number(group["max_precond_dim"])
         if p.dim() == 1:
-            return [p.shape[0]] if group["precondition_1d"] and p.shape[0] <= group["max_precond_dim"] else [None]
+            return [p.shape[0]] if group["precondition_1d"] and p.shape[0] <= limit else [None]
         shape = self._merged_shape(p.shape, group) if group["merge_dims"] else list(p.shape)
-        return [s if s <= group["max_precond_dim"] else None for s in shape]
+        return [s if s <= limit else None for s in shape]
 
     # ------------------------------------------------------------------ step
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], float]] = None):
+        # Hyperparameters may have been edited in param_groups since the last call: check them before anything runs.
+        for i, group in enumerate(self.param_groups):
+            try:
+                validate_hyperparameters(group)
+            except ValueError as e:
+                raise ValueError(f"param group {i}: {e}") from None
         loss = None
         if closure is not None:
             with torch.enable_grad():  # spec §6.1: the paper ran the closure under no_grad
@@ -111,23 +164,30 @@ class SOAP(torch.optim.Optimizer):
     def _step_param(self, p: torch.Tensor, group: dict) -> None:
         state = self.state[p]
         grad = p.grad.to(state_dtype(p.dtype))
+        initialised = "Q" in state
+        if initialised:
+            # §8: the refresh clock counts every call with a gradient after the initialisation call, skipped or not.
+            state["refresh_clock"] += 1
         if not bool(torch.isfinite(grad).all()):
             # A NaN/Inf gradient would poison the factors and, through QR, the eigenbasis: skip this parameter.
+            # Before its initialisation only the skip is counted (there is no clock yet).
             state["skipped"] = state.get("skipped", 0) + 1
             return
 
-        if "Q" not in state:
+        if not initialised:
             # §3, first call: initialise the factors and eigenbases only. No moments, no parameter change, no
             # weight decay; step stays 0 (trap 1).
             state["step"] = 0
             state["exp_avg"] = torch.zeros_like(grad)
             state["exp_avg_sq"] = torch.zeros_like(grad)
             state.setdefault("skipped", 0)
+            state["refresh_clock"] = 0
             self._init_factors(grad, state, group)
             self._update_preconditioner(grad, state, group)
             return
 
-        beta1, beta2 = group["betas"]
+        lr, eps, weight_decay = _number(group["lr"]), _number(group["eps"]), _number(group["weight_decay"])
+        beta1, beta2 = (_number(b) for b in group["betas"])
         # §3.1: project with the current basis.
         grad_projected = self._project(grad, state, group)
         state["step"] += 1
@@ -135,9 +195,9 @@ class SOAP(torch.optim.Optimizer):
         # §3.3: multiply then add, both moments from the projected gradient.
         exp_avg.mul_(beta1).add_(grad_projected, alpha=1.0 - beta1)
         exp_avg_sq.mul_(beta2).add_(grad_projected.square(), alpha=1.0 - beta2)
-        denom = exp_avg_sq.sqrt().add_(group["eps"])
+        denom = exp_avg_sq.sqrt().add_(eps)
         # §3.5: bias correction folded into the step size (so eps is not bias-corrected: HF convention).
-        step_size = group["lr"]
+        step_size = lr
         if group["correct_bias"]:
             bias_correction1 = 1.0 - beta1 ** state["step"]
             bias_correction2 = 1.0 - beta2 ** state["step"]
@@ -148,8 +208,8 @@ class SOAP(torch.optim.Optimizer):
             update = update / (1e-30 + torch.mean(update**2) ** 0.5)
         p.add_(update, alpha=-step_size)
         # §3.9 / trap 5: decoupled weight decay on the already-updated weights, plain lr, only when > 0.
-        if group["weight_decay"] > 0.0:
-            p.add_(p, alpha=-group["lr"] * group["weight_decay"])
+        if weight_decay > 0.0:
+            p.add_(p, alpha=-lr * weight_decay)
         # §3.10 / trap 2: the preconditioner sees the gradient only after it was used.
         self._update_preconditioner(grad, state, group)
 
@@ -160,7 +220,7 @@ class SOAP(torch.optim.Optimizer):
         """§5's greedy merge, on the NCHW order for channels_last 4-D tensors."""
         if group["data_format"] == "channels_last" and len(shape) == 4:
             shape = (shape[0], shape[3], shape[1], shape[2])
-        limit = group["max_precond_dim"]
+        limit = _number(group["max_precond_dim"])
         merged: list[int] = []
         running = 1
         for size in shape:
@@ -196,9 +256,9 @@ class SOAP(torch.optim.Optimizer):
         state["GG"] = [None if s is None else grad.new_zeros(s, s) for s in sizes]
         state["Q"] = None
         # Trap 6: both are frozen per parameter at its first step.
-        state["precondition_frequency"] = group["precondition_frequency"]
-        sb = group["shampoo_beta"]
-        state["shampoo_beta"] = sb if sb >= 0 else group["betas"][1]
+        state["precondition_frequency"] = int(group["precondition_frequency"])
+        sb = _number(group["shampoo_beta"])
+        state["shampoo_beta"] = sb if sb >= 0 else _number(group["betas"][1])
 
     # ------------------------------------------------------------------ projections (§5)
 
@@ -245,7 +305,9 @@ class SOAP(torch.optim.Optimizer):
 
         if state["Q"] is None:
             state["Q"] = self._eigenbasis(state["GG"])
-        if state["step"] > 0 and state["step"] % state["precondition_frequency"] == 0:
+        # §3.10c with §8: refresh on the refresh clock (equal to the step when no call was skipped). Not at the
+        # initialisation call (step 0), whose clock is 0 as well.
+        if state["step"] > 0 and state["refresh_clock"] % state["precondition_frequency"] == 0:
             state["Q"] = self._refresh_eigenbasis(state, group)
         if state["step"] > 0:
             # §3.10d: momentum into the (possibly new) basis.

@@ -309,6 +309,7 @@ def test_refresh_schedule_and_frozen_hyperparameters():
         set_grad(p, g)
         opt.step()
         assert st["step"] == call - 1
+        assert st["refresh_clock"] == call - 1  # no skipped call: the refresh clock is the step (spec §8)
         torch.testing.assert_close(st["GG"][0], 0.9 * gg_before[0] + 0.1 * g @ g.T, **TOL)
         changed = [not torch.equal(a, b) for a, b in zip(q_before, st["Q"])]
         assert changed[0] == changed[1]
@@ -316,6 +317,57 @@ def test_refresh_schedule_and_frozen_hyperparameters():
             refreshed.append(call)
     assert refreshed == [4, 7, 10, 13]
     assert st["precondition_frequency"] == 3
+
+
+def test_refresh_after_a_skipped_call_follows_the_clock_with_the_real_step():
+    """Spec §8 by hand, f=2: call 1 initialises; call 2 updates (clock 1, t=1); call 3 has a NaN (clock 2: skipped,
+    so no refresh); call 4 updates (clock 3, t=2: no refresh, although t is a multiple of f, where the paper's rule
+    would refresh); call 5 updates with bias correction t=3 and refreshes (clock 4)."""
+    lr, b1, b2, eps, sb, f = 0.05, 0.9, 0.95, 1e-8, 0.1, 2
+    shape = (4, 3)
+    p = make_param(shape)
+    opt = SOAP([p], lr=lr, betas=(b1, b2), eps=eps, shampoo_beta=sb, weight_decay=0.0, precondition_frequency=f)
+    st = opt.state[p]
+    for call in (1, 2, 3, 4):
+        g = randn(shape, 40 + call)
+        if call == 3:
+            g[0, 0] = float("nan")
+        q_before = clone_list(st["Q"]) if "Q" in st else None
+        set_grad(p, g)
+        opt.step()
+        if q_before is not None:
+            assert all(torch.equal(a, b) for a, b in zip(q_before, st["Q"])), f"refresh at call {call}"
+    assert (st["step"], st["refresh_clock"], st["skipped"]) == (2, 3, 1)
+
+    q_old, gg_old = clone_list(st["Q"]), clone_list(st["GG"])
+    m_old, v_old, w_old = st["exp_avg"].clone(), st["exp_avg_sq"].clone(), p.detach().clone()
+    g = randn(shape, 45)
+    set_grad(p, g)
+    opt.step()
+    assert (st["step"], st["refresh_clock"]) == (3, 4)
+
+    t = 3
+    gp = project_by_hand(g, q_old)
+    m_pre = b1 * m_old + (1 - b1) * gp
+    v_pre = b2 * v_old + (1 - b2) * gp * gp
+    eta = lr * math.sqrt(1 - b2**t) / (1 - b1**t)
+    update = project_by_hand(m_pre / (v_pre.sqrt() + eps), q_old, back=True)
+    torch.testing.assert_close(p.detach(), w_old - eta * update, **TOL)
+    v_expected = v_pre
+    for k, (gg, q) in enumerate(zip(gg_old, q_old)):
+        gg_new = sb * gg + (1 - sb) * gram(g, k)
+        torch.testing.assert_close(st["GG"][k], gg_new, **TOL)
+        lam = torch.diag(q.T @ gg_new @ q).numpy()
+        assert np.diff(np.sort(lam)).min() > 1e-6 * np.abs(lam).max()  # a well-defined order
+        idx = np.argsort(-lam, kind="stable")
+        v_expected = v_expected.index_select(k, torch.from_numpy(idx))
+        q_np, _ = np.linalg.qr(gg_new.numpy() @ q.numpy()[:, idx])
+        q_new = st["Q"][k].numpy()
+        np.testing.assert_allclose(q_new * np.sign(np.diag(q_new.T @ q_np)), q_np, rtol=0, atol=1e-10)
+        assert not np.allclose(np.abs(q_new), np.abs(q.numpy()), atol=1e-6)  # the basis did move
+    torch.testing.assert_close(st["exp_avg_sq"], v_expected, **TOL)
+    m_expected = project_by_hand(project_by_hand(m_pre, q_old, back=True), clone_list(st["Q"]))
+    torch.testing.assert_close(st["exp_avg"], m_expected, **TOL)
 
 
 # ----------------------------------------------------------------------------------------------------- first call

@@ -1,19 +1,27 @@
 """Robustness tests for both optimizers, `SOAP` (eager reference) and `CompiledSOAP` (stacked fast path).
 
 What is covered (every test runs for both classes unless it compares the two):
-  1. invalid hyperparameters -> ValueError naming the argument, at construction and in add_param_group;
+  1. invalid hyperparameters -> ValueError naming the argument, at construction, in add_param_group and (written
+     into param_groups) at the next step(), before anything changes; numpy scalars accepted like Python numbers;
+     the same tensor twice in a param group rejected;
   2. complex / integer parameters and sparse gradients -> a clear error from our validation;
-  3. NaN/Inf gradients: the parameter is skipped (value and state bit-identical), everything else is bit-identical
-     to a run where that parameter simply had no gradient, the skip is counted, training continues;
+  3. NaN/Inf gradients (docs/spec.md §8): the parameter is skipped (value and state bit-identical except the two
+     counters), the skip is counted, training continues; a skipped call is a call without a gradient that advances the
+     refresh clock; the refresh schedule with skipped and gradient-less calls against a hand-written loop over the rule;
   4. degenerate but finite input (zeros, 1e-20 and 1e15 scales, repeated rank-one gradients, no gradient at all)
      never produces NaN/Inf;
-  5. load_state_dict: mismatched layouts are rejected with the optimizer left exactly as it was; format_version 0
-     is migrated, future versions rejected; checkpoints cross-load between the two classes;
+  5. checkpoints (docs/spec.md §9): the version-2 layout, the refresh clock through a resume, mismatched layouts
+     rejected with the optimizer left exactly as it was; format_version 0 and 1 migrated, others rejected;
+     checkpoints cross-load between the two classes; torch.optim's state_dict hooks fire as torch.optim fires them;
   6. a 1000-step side-by-side run of the two classes (orthogonality of the eigenbases, deviation curve);
   7. a hypothesis property test of agreement over shapes, dtypes and hyperparameters.
 
 CompiledSOAP runs with compile=False (the same batched functions, eagerly) except in one test that traces through
 Dynamo with backend="aot_eager"; Inductor's CPU compile would take minutes.
+
+Tests decorated with `@compiled_pending` check semantics that CompiledSOAP does not implement yet (the refresh clock,
+[] in state_dict, state_dict hooks, checks at every step): their CompiledSOAP parametrization is an expected failure
+until its rewrite lands (non-strict, so it turns into a pass by itself).
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ import math
 import os
 import time
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -48,9 +57,21 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
+COMPILED_PENDING = "CompiledSOAP: pending rewrite (issue 9/10)"
+compiled_xfail = pytest.mark.xfail(reason=COMPILED_PENDING, strict=False)
+
+
+def compiled_pending(test):
+    """Mark a test using `make_opt` whose CompiledSOAP parametrization waits for CompiledSOAP's rewrite."""
+    test.compiled_pending = True
+    return test
+
+
 @pytest.fixture(params=list(FACTORIES))
 def make_opt(request):
     """A factory with SOAP's signature: make_opt(params, **hyperparameters)."""
+    if request.param == "CompiledSOAP" and getattr(request.function, "compiled_pending", False):
+        request.applymarker(compiled_xfail)
     return FACTORIES[request.param]
 
 
@@ -203,6 +224,18 @@ BAD_HYPERPARAMETERS = [
     (dict(max_precond_dim=1.5), "max_precond_dim"),
     (dict(data_format="NHWC"), "data_format"),
     (dict(data_format=None), "data_format"),
+    (dict(weight_decay=float("inf")), "weight_decay"),
+    (dict(lr=torch.tensor([1e-3, 1e-3])), "lr"),
+    # numpy scalars: accepted as numbers, but held to the same rules
+    (dict(lr=np.float64("nan")), "lr"),
+    (dict(weight_decay=np.float32("inf")), "weight_decay"),
+    (dict(betas=(np.float64(1.0), 0.95)), "betas"),
+    (dict(precondition_frequency=np.float64(10.0)), "precondition_frequency"),
+    (dict(precondition_frequency=np.bool_(True)), "precondition_frequency"),
+    (dict(precondition_frequency=np.int64(0)), "precondition_frequency"),
+    (dict(max_precond_dim=np.bool_(True)), "max_precond_dim"),
+    (dict(max_precond_dim=np.float32(8.0)), "max_precond_dim"),
+    (dict(merge_dims=1), "merge_dims"),
 ]
 
 
@@ -231,6 +264,95 @@ def test_valid_edge_hyperparameters_accepted(make_opt):
     p = torch.nn.Parameter(torch.randn(3, 2))
     make_opt([p], lr=0.0, eps=1e-30, weight_decay=0.0, betas=(0.0, 0.0), shampoo_beta=0.999,
              precondition_frequency=1, max_precond_dim=1)
+
+
+NUMPY_KW = dict(lr=np.float32(3e-2), betas=(np.float64(0.9), 0.95), shampoo_beta=np.float64(0.5),
+                eps=np.float32(1e-6), weight_decay=np.float64(0.01), precondition_frequency=np.int64(2),
+                max_precond_dim=np.int64(4), precondition_1d=np.bool_(True), correct_bias=np.bool_(True))
+
+
+def _as_python(value):
+    """A numpy scalar (or a tuple of them) as the Python number(s) of exactly the same value."""
+    if isinstance(value, tuple):
+        return tuple(_as_python(v) for v in value)
+    return value.item() if isinstance(value, np.generic) else value
+
+
+@compiled_pending
+def test_numpy_scalar_hyperparameters_accepted(make_opt):
+    """numpy scalars work wherever torch.optim takes them (constructor, add_param_group, edits of param_groups) and
+    step exactly like the Python numbers of the same values."""
+    shapes = [(5, 3), (3,), (2, 3, 2)]
+    runs = []
+    for convert in (lambda v: v, _as_python):
+        params = make_params(shapes, seed=11)
+        opt = make_opt(params[:2], **{k: convert(v) for k, v in NUMPY_KW.items()})
+        opt.add_param_group({"params": [params[2]], "lr": convert(np.float64(1e-2)),
+                             "precondition_frequency": convert(np.int32(3))})
+        for call in range(8):
+            if call == 4:  # a scheduler-style edit
+                opt.param_groups[0]["lr"] = convert(np.float64(2e-2))
+                opt.param_groups[1]["betas"] = (convert(np.float32(0.8)), 0.9)
+            set_grads(params, grads_for(params, call))
+            opt.step()
+        runs.append(params)
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+    assert not torch.equal(runs[0][0], make_params(shapes, seed=11)[0])
+
+
+BAD_AT_STEP = [("betas", (1.0, 0.95)), ("betas", (0.9, float("nan"))), ("weight_decay", float("nan")),
+               ("weight_decay", float("inf")), ("lr", -1e-3), ("eps", 0.0), ("shampoo_beta", 1.0),
+               ("precondition_frequency", 0), ("max_precond_dim", 2.5), ("data_format", "NHWC"),
+               ("normalize_grads", None)]
+
+
+@compiled_pending
+@pytest.mark.parametrize("name,value", BAD_AT_STEP, ids=[f"{n}={v!r}" for n, v in BAD_AT_STEP])
+def test_bad_hyperparameter_written_into_param_groups_raises_at_step(make_opt, name, value):
+    """A bad value written into a param group after construction raises ValueError naming it at the next step(),
+    before any parameter (of any group) or state changes; with the value restored, training goes on exactly like an
+    untouched twin."""
+    def build():
+        params = make_params([(4, 3), (5,), (3, 3)], seed=2)
+        return make_opt([{"params": params[:2]}, {"params": params[2:]}], lr=0.02, precondition_frequency=2), params
+
+    (opt, params), (twin_opt, twin_params) = build(), build()
+    for call in range(3):
+        for o, ps in ((opt, params), (twin_opt, twin_params)):
+            set_grads(ps, grads_for(ps, call))
+            o.step()
+    good = opt.param_groups[1][name]
+    before = snapshot(opt, params)
+    opt.param_groups[1][name] = value  # the second group: the first one's parameters would be stepped first
+    set_grads(params, grads_for(params, 3))
+    with pytest.raises(ValueError, match=rf"\b{name}\b"):
+        opt.step()
+    assert_snapshots_equal(before, snapshot(opt, params), "after the rejected step")
+    opt.param_groups[1][name] = good
+    for call in range(3, 6):
+        for o, ps in ((opt, params), (twin_opt, twin_params)):
+            set_grads(ps, grads_for(ps, call))
+            o.step()
+    assert_snapshots_equal(snapshot(twin_opt, twin_params), snapshot(opt, params), "after restoring the value")
+
+
+def test_duplicate_parameter_in_a_group_rejected(make_opt):
+    """torch.optim only warns about a tensor listed twice in one group; both SOAP classes refuse it (it would be
+    stepped twice per call with one state)."""
+    a, b, c = make_params([(3, 2), (4,), (2, 2)])
+    with pytest.warns(UserWarning, match="duplicate parameters"):
+        torch.optim.SGD([a, b, a], lr=0.1)  # what torch.optim does
+    with pytest.raises(ValueError, match=r"parameter at positions 0 and 2 of a param group is the same tensor"):
+        make_opt([a, b, a])
+    opt = make_opt([a])
+    with pytest.raises(ValueError, match=r"parameter at positions 1 and 2 of a param group is the same tensor"):
+        opt.add_param_group({"params": [b, c, c]})
+    assert len(opt.param_groups) == 1 and opt.param_groups[0]["params"] == [a]
+    with pytest.raises(ValueError, match="more than one parameter group"):  # across groups: torch.optim's own error
+        opt.add_param_group({"params": [b, a]})
+    opt.add_param_group({"params": [b, c]})
+    assert [len(g["params"]) for g in opt.param_groups] == [1, 2]
 
 
 # ----------------------------------------------------------------------------------------------------- 2. bad inputs
@@ -286,8 +408,11 @@ NF_SHAPES = [(4, 3), (4, 3), (5,), (3, 3)]  # two params share a bucket in Compi
 NF_FREQ = 3
 
 
-def _nonfinite_run(make_opt, bad_call, bad_value, none_instead, n_calls=9, dtype=F32):
-    """Run n_calls steps; at `bad_call` parameter 0 gets a gradient holding `bad_value` (or no gradient at all)."""
+def _nonfinite_run(make_opt, bad_call, bad_value, none_instead, n_calls=9, dtype=F32, tick_clock=False):
+    """Run n_calls steps; at `bad_call` parameter 0 gets a gradient holding `bad_value` (or no gradient at all).
+
+    tick_clock: after the bad call, advance parameter 0's refresh clock by one through a checkpoint (state_dict,
+    refresh_clock + 1, load_state_dict), the public way to reproduce what a skipped call does to it (spec §8)."""
     params = make_params(NF_SHAPES, seed=1, dtype=dtype)
     opt = make_opt(params, lr=0.05, weight_decay=0.01, precondition_frequency=NF_FREQ, precondition_1d=True)
     history = []
@@ -301,27 +426,40 @@ def _nonfinite_run(make_opt, bad_call, bad_value, none_instead, n_calls=9, dtype
         before = snapshot(opt, params)
         set_grads(params, grads)
         opt.step()
+        if tick_clock and call == bad_call:
+            sd = copy.deepcopy(opt.state_dict())
+            sd["state"][0]["refresh_clock"] += 1
+            opt.load_state_dict(sd)
         history.append((before, snapshot(opt, params)))
     return opt, params, history
 
 
+@compiled_pending
 @pytest.mark.parametrize("bad_value", [float("nan"), float("inf"), -float("inf")], ids=["nan", "inf", "-inf"])
-@pytest.mark.parametrize("bad_call", [0, 1, NF_FREQ, NF_FREQ + 1], ids=["first", "second", "refresh-1", "refresh"])
+@pytest.mark.parametrize("bad_call", [0, 1, NF_FREQ, NF_FREQ + 1], ids=["first", "second", "refresh", "after-refresh"])
 def test_nonfinite_gradient_skips_parameter(make_opt, bad_call, bad_value):
-    """bad_call is 0-based: call NF_FREQ (the (f+1)-th call) is the first refresh; call 0 is the initialisation."""
-    opt, params, history = _nonfinite_run(make_opt, bad_call, bad_value, none_instead=False)
-    ref_opt, ref_params, ref_history = _nonfinite_run(make_opt, bad_call, None, none_instead=True)
+    """bad_call is 0-based: call 0 is the initialisation, call NF_FREQ (the (f+1)-th call) the first refresh.
 
-    # The bad parameter: value and every piece of state exactly as before that call.
+    Spec §8: a skipped call leaves the parameter and its state as they were except `skipped` (+1) and, once the
+    parameter is initialised, `refresh_clock` (+1); so it is exactly a call without a gradient plus one tick of the
+    clock. A skipped refresh call does not refresh, and the next refresh is at the next multiple of f."""
+    opt, params, history = _nonfinite_run(make_opt, bad_call, bad_value, none_instead=False)
+    ref_opt, ref_params, ref_history = _nonfinite_run(make_opt, bad_call, None, none_instead=True,
+                                                      tick_clock=bad_call > 0)
+
+    # The bad parameter: value and every piece of state exactly as before that call, but for the two counters.
     before, after = history[bad_call]
     assert int(after[0][1]["skipped"]) == 1
     assert torch.equal(before[0][0], after[0][0])
-    if before[0][1] is None:  # the very first call: still uninitialised, only the skip is recorded
+    if before[0][1] is None:  # the very first call: still uninitialised, only the skip is recorded (no clock yet)
         assert set(after[0][1]) == {"skipped"}
     else:
-        assert_state_equal(before[0][1], after[0][1], "bad parameter across its skipped call")
+        assert_state_equal(before[0][1], after[0][1], "bad parameter across its skipped call",
+                           ignore=("skipped", "refresh_clock"))
+        assert int(after[0][1]["refresh_clock"]) == int(before[0][1]["refresh_clock"]) + 1 == bad_call
 
-    # Everything, at every call, bit-identical to the run where the bad parameter had grad=None that call.
+    # Everything, at every call, bit-identical to the run where the bad parameter had grad=None that call and its
+    # clock was then advanced by one.
     for call, ((_, a), (_, b)) in enumerate(zip(history, ref_history)):
         assert_snapshots_equal(a, b, f"after call {call}")
 
@@ -342,6 +480,7 @@ def test_nonfinite_gradient_skips_parameter(make_opt, bad_call, bad_value):
     assert all_finite(opt, params)
 
 
+@compiled_pending
 def test_nonfinite_gradient_state_dict_roundtrip(make_opt):
     """A parameter whose only gradients were non-finite has just a skip count; state_dict/load keep it."""
     params = make_params([(4, 3), (3,)])
@@ -359,21 +498,29 @@ def test_nonfinite_gradient_state_dict_roundtrip(make_opt):
     assert skipped(fresh, fresh.param_groups[0]["params"][0]) == 2
 
 
+@compiled_pending
 def test_all_gradients_nonfinite_changes_nothing(make_opt):
+    """An all-NaN call (here the refresh call: clock 4, f=2) changes nothing but the two counters."""
     params = make_params([(4, 3), (4, 3), (5,)])
     opt = make_opt(params, precondition_frequency=2)
-    for call in range(3):
+    for call in range(4):
         set_grads(params, grads_for(params, call))
         opt.step()
     before = snapshot(opt, params)
     set_grads(params, [torch.full_like(p, float("nan")) for p in params])
     opt.step()
-    assert_snapshots_equal(before, snapshot(opt, params), "all-NaN step")
+    after = snapshot(opt, params)
+    for i, ((pb, sb), (pa, sa)) in enumerate(zip(before, after)):
+        assert torch.equal(pb, pa)
+        assert_state_equal(sb, sa, f"parameter {i}", ignore=("skipped", "refresh_clock"))
+        assert (int(sb["refresh_clock"]), int(sa["refresh_clock"])) == (3, 4)
     assert [skipped(opt, p) for p in params] == [1, 1, 1]
 
 
+@compiled_xfail
 def test_nonfinite_skip_matches_reference_across_classes():
-    """CompiledSOAP's skipped parameter refreshes on its own schedule (one call late), exactly like SOAP's (fp64)."""
+    """A parameter whose refresh call is skipped refreshes next at the next multiple of f of its refresh clock (spec
+    §8), in CompiledSOAP exactly like in SOAP (fp64)."""
     runs = {}
     for name, factory in FACTORIES.items():
         opt, params, _ = _nonfinite_run(factory, NF_FREQ, float("nan"), none_instead=False, n_calls=10, dtype=F64)
@@ -382,12 +529,14 @@ def test_nonfinite_skip_matches_reference_across_classes():
     assert rel_diff([p.detach() for p in cp], [p.detach() for p in rp]) < 1e-10
     for a, b in zip(cp, rp):
         assert int(co.state[a]["step"]) == ro.state[b]["step"]
+        assert int(co.state[a]["refresh_clock"]) == ro.state[b]["refresh_clock"]
         for fa, fb in zip(co.state[a]["GG"], ro.state[b]["GG"]):
             assert (fa is None) == (fb is None)
             if fa is not None:
                 assert rel_diff([fa], [fb]) < 1e-10
 
 
+@compiled_xfail
 def test_nonfinite_skip_compiled_aot_eager():
     """The same skip semantics through Dynamo (backend aot_eager: traced graphs, no C++ codegen)."""
     def run(**kw):
@@ -406,15 +555,87 @@ def test_nonfinite_skip_compiled_aot_eager():
 
     copt, cparams, csnaps = run(compile=True, backend="aot_eager")
     eopt, eparams, esnaps = run(compile=False)
-    # Call 2 is the first refresh (f=2); the skipped parameter is due one call later, so call 3 refreshes too.
-    assert [k for *_, k in csnaps][:4] == ["init", "plain", "refresh", "refresh"]
+    # Call 2 is the first refresh (f=2); the skipped parameter skips its refresh too and is next due at clock 4 (call
+    # 4), with the others (spec §8): so call 3 is a plain step.
+    assert [k for *_, k in csnaps] == ["init", "plain", "refresh", "plain", "refresh", "plain"]
     before, after, _ = csnaps[2]
     assert torch.equal(before[0][0], after[0][0])
-    assert_state_equal(before[0][1], after[0][1], "bad parameter (compiled)")
+    assert_state_equal(before[0][1], after[0][1], "bad parameter (compiled)", ignore=("skipped", "refresh_clock"))
     assert copt.skipped_steps().tolist() == [1, 0, 0]
     # Traced and eager agree (aot_eager runs the same aten ops; allow rounding in case a decomposition differs).
     assert rel_diff([p.detach() for p in cparams], [p.detach() for p in eparams]) < 1e-6
     assert all_finite(copt, cparams)
+
+
+def expected_schedule(events, f):
+    """Spec §8 by hand. events[c] for the 1-based call c+1: "ok", "nan" or "none" (no gradient). Returns, per call, the
+    state after it as (refreshed, step, refresh_clock, skipped), with None for step/clock before initialisation."""
+    clock = step = None
+    skipped_calls = 0
+    out = []
+    for event in events:
+        refreshed = False
+        if event == "nan":
+            skipped_calls += 1
+        if event != "none":
+            if clock is None:
+                if event == "ok":  # the initialisation call
+                    clock = step = 0
+            else:
+                clock += 1
+                if event == "ok":
+                    step += 1
+                    refreshed = clock % f == 0
+        out.append((refreshed, step, clock, skipped_calls))
+    return out
+
+
+SCHEDULES = {
+    # f = 3. 1-based calls; every other call has a finite gradient.
+    "nan-3-5": dict(nan=[3, 5], none=[]),  # the brief's example: refreshes stay at 4, 7, 10, 13
+    "nan-at-refresh-4": dict(nan=[4], none=[]),  # no refresh at 4; the next at 7, not 5
+    "nan-first-call": dict(nan=[1], none=[]),  # initialised at call 2: refreshes at 5, 8, 11, 14
+    "none-and-nan": dict(nan=[4, 9], none=[2, 6]),  # calls without a gradient do not move the clock
+    "nan-run": dict(nan=[3, 4, 5, 6, 7, 8], none=[]),  # the clock passes 3 and 6 while skipping: refresh at 10
+}
+
+
+@compiled_pending
+@pytest.mark.parametrize("case", list(SCHEDULES))
+def test_refresh_schedule_with_skipped_calls(make_opt, case):
+    """At which calls the eigenbasis is refreshed (observed: Q changes), and the step and refresh clock after every
+    call, against `expected_schedule`, an independent loop over spec §8's rule. The second parameter always has a
+    finite gradient and keeps the paper's schedule (calls 4, 7, 10, 13)."""
+    f, n_calls = 3, 14
+    events = ["nan" if c in SCHEDULES[case]["nan"] else "none" if c in SCHEDULES[case]["none"] else "ok"
+              for c in range(1, n_calls + 1)]
+    expected = expected_schedule(events, f)
+    if case == "nan-3-5":  # the hand-computed list, as a check of the loop itself
+        assert [c + 1 for c, e in enumerate(expected) if e[0]] == [4, 7, 10, 13]
+        assert [e[1] for e in expected] == [0, 1, 1, 2, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]
+    params = make_params([(4, 3), (3, 4)], seed=21)
+    opt = make_opt(params, lr=0.01, precondition_frequency=f)
+    observed, observed_other = [], []
+    for call, event in enumerate(events):
+        grads = grads_for(params, call)
+        if event == "nan":
+            grads[0][2, 1] = float("nan")
+        elif event == "none":
+            grads[0] = None
+        qs = [[q.clone() for q in opt.state[p]["Q"]] if p in opt.state and "Q" in opt.state[p] else None
+              for p in params]
+        set_grads(params, grads)
+        opt.step()
+        changed = []
+        for p, q_before in zip(params, qs):
+            q_after = opt.state[p]["Q"] if "Q" in opt.state.get(p, {}) else None
+            changed.append(q_before is not None and any(not torch.equal(a, b) for a, b in zip(q_before, q_after)))
+        s = opt.state.get(params[0], {})
+        observed.append((changed[0], int(s["step"]) if "Q" in s else None,
+                         int(s["refresh_clock"]) if "Q" in s else None, skipped(opt, params[0])))
+        observed_other.append(changed[1])
+    assert observed == expected
+    assert [c + 1 for c, ch in enumerate(observed_other) if ch] == [4, 7, 10, 13]
 
 
 # ----------------------------------------------------------------------------------------------------- 4. degenerate input
@@ -477,6 +698,7 @@ def test_repeated_rank_one_gradient(make_opt):
     assert orthogonality_error(opt, params) < 1e-4
 
 
+@compiled_pending
 def test_state_access_without_state_keeps_state_dict_working(make_opt):
     """opt.state is a defaultdict: merely reading opt.state[p] for a parameter without state must not break
     state_dict() or a reload."""
@@ -587,14 +809,31 @@ def test_load_corrupt_checkpoint_rejected(make_opt, how):
     assert groups_equal(opt.param_groups, before_groups)
 
 
+def _absent(m):
+    return m is None or (isinstance(m, list) and len(m) == 0)
+
+
 def _as_version_0(sd):
-    """The paper's soap.py layout: no format_version, [] for an absent factor, no skip counter."""
+    """The paper's soap.py layout: no format_version, [] for an absent factor, no skip counter, no refresh clock."""
     sd = copy.deepcopy(sd)
     del sd["format_version"]
     for s in sd["state"].values():
         s.pop("skipped", None)
+        s.pop("refresh_clock", None)
         for key in ("GG", "Q"):
-            s[key] = [[] if m is None else m for m in s[key]]
+            s[key] = [[] if _absent(m) else m for m in s[key]]
+    return sd
+
+
+def _as_version_1(sd):
+    """This package's format_version 1: None for an absent factor, no refresh clock."""
+    sd = copy.deepcopy(sd)
+    sd["format_version"] = 1
+    for s in sd["state"].values():
+        s.pop("refresh_clock", None)
+        for key in ("GG", "Q"):
+            if key in s:
+                s[key] = [None if _absent(m) else m for m in s[key]]
     return sd
 
 
@@ -614,7 +853,29 @@ def test_load_format_version_0_migrated(make_opt):
     assert_snapshots_equal(snapshot(src, sparams), snapshot(opt, params), "continued after version 0")
 
 
-@pytest.mark.parametrize("version", [99, 2, -1, "1", None])
+@compiled_pending
+@pytest.mark.parametrize("version", [1, 0])
+def test_load_older_versions_take_refresh_clock_from_step(make_opt, version):
+    """Versions 0 and 1 have no refresh clock: it is taken as the step (spec §8, §9). The source skipped nothing (so
+    its clock was its step): continuing from the old layout is bit-identical to the source continuing."""
+    src, sparams = _trained(make_opt, calls=5)
+    old = (_as_version_0 if version == 0 else _as_version_1)(src.state_dict())
+    if version == 1:
+        assert None in old["state"][0]["GG"] and "refresh_clock" not in old["state"][0]
+    params = twin(sparams)
+    opt = make_opt(params, **CK_KW)
+    opt.load_state_dict(old)
+    for p in params:
+        assert int(opt.state[p]["refresh_clock"]) == int(opt.state[p]["step"]) == 4
+    for call in range(5, 9):
+        set_grads(sparams, grads_for(sparams, call))
+        set_grads(params, grads_for(params, call))
+        src.step()
+        opt.step()
+    assert_snapshots_equal(snapshot(src, sparams), snapshot(opt, params), f"continued after version {version}")
+
+
+@pytest.mark.parametrize("version", [99, 3, -1, "1", "2", None, True, 2.0])
 def test_load_unsupported_format_version_rejected(make_opt, version):
     src, _ = _trained(make_opt)
     sd = copy.deepcopy(src.state_dict())
@@ -627,7 +888,7 @@ def test_load_unsupported_format_version_rejected(make_opt, version):
 
 
 @pytest.mark.parametrize("dtype,tol", [(F32, 1e-6), (F64, 1e-10)], ids=["fp32", "fp64"])
-@pytest.mark.parametrize("direction", ["SOAP->CompiledSOAP", "CompiledSOAP->SOAP"])
+@pytest.mark.parametrize("direction", ["SOAP->CompiledSOAP", pytest.param("CompiledSOAP->SOAP", marks=compiled_xfail)])
 def test_cross_load_between_classes(direction, dtype, tol):
     src_name, dst_name = direction.split("->")
     shapes = [(6, 4), (4, 4), (4,), (2, 3, 2)]
@@ -646,6 +907,187 @@ def test_cross_load_between_classes(direction, dtype, tol):
     for a, b in zip(dparams, sparams):
         assert int(dst.state[a]["step"]) == int(src.state[b]["step"]) == 11
         assert rel_diff([dst.state[a]["exp_avg_sq"]], [src.state[b]["exp_avg_sq"]]) < tol * 10
+
+
+LAYOUT_SHAPES = [(5, 3), (3,), (2, 3, 2), (4, 3), (2, 2)]
+SAVED_KEYS = ["step", "exp_avg", "exp_avg_sq", "GG", "Q", "precondition_frequency", "shampoo_beta", "skipped",
+              "refresh_clock"]
+
+
+@compiled_pending
+def test_state_dict_layout_version_2(make_opt, tmp_path):
+    """Spec §9: format_version 2; per parameter exactly the saved keys, plain ints and floats, [] for an absent
+    factor (as the paper's soap.py writes it), the refresh clock; a parameter that never got a finite gradient is
+    {"skipped": n}, one that never got a gradient is absent. Loadable with torch.load(weights_only=True)."""
+    params = make_params(LAYOUT_SHAPES, seed=4)
+    opt = make_opt(params, lr=0.02, precondition_frequency=2, max_precond_dim=4, shampoo_beta=0.5)
+    for call in range(5):
+        grads = grads_for(params, call)
+        if call == 2:
+            grads[0][0, 0] = float("nan")  # parameter 0: one skipped call after its initialisation
+        grads[3] = torch.full_like(params[3], float("inf"))  # parameter 3: never a finite gradient
+        grads[4] = None  # parameter 4: never a gradient
+        set_grads(params, grads)
+        opt.step()
+    sd = opt.state_dict()
+    assert sd["format_version"] == 2
+    assert sorted(sd["state"]) == [0, 1, 2, 3]
+    assert sd["state"][3] == {"skipped": 5}
+    # Factor sizes by hand (max_precond_dim=4): 5 > 4 has none; a 1-D parameter has none without precondition_1d.
+    expected_sizes = {0: [None, 3], 1: [None], 2: [2, 3, 2]}
+    for i, sizes in expected_sizes.items():
+        e = sd["state"][i]
+        assert list(e) == SAVED_KEYS
+        for key in ("step", "precondition_frequency", "skipped", "refresh_clock"):
+            assert type(e[key]) is int, key
+        assert type(e["shampoo_beta"]) is float and e["shampoo_beta"] == 0.5
+        assert e["precondition_frequency"] == 2
+        for key in ("GG", "Q"):
+            assert type(e[key]) is list and len(e[key]) == len(sizes)
+            for m, size in zip(e[key], sizes):
+                if size is None:
+                    assert type(m) is list and m == []
+                else:
+                    assert isinstance(m, torch.Tensor) and m.shape == (size, size) and m.dtype == F32
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert e[key].shape == params[i].shape and e[key].is_contiguous()
+        # The saved tensors are copies: stepping on does not change them.
+        assert e["exp_avg"].data_ptr() != opt.state[params[i]]["exp_avg"].data_ptr()
+    # Parameter 0: initialised at call 1, then 4 calls with a gradient of which one skipped.
+    assert (sd["state"][0]["step"], sd["state"][0]["refresh_clock"], sd["state"][0]["skipped"]) == (3, 4, 1)
+    assert (sd["state"][1]["step"], sd["state"][1]["refresh_clock"], sd["state"][1]["skipped"]) == (4, 4, 0)
+    torch.save(sd, tmp_path / "opt.pt")
+    loaded = torch.load(tmp_path / "opt.pt", weights_only=True)
+    fresh = make_opt(twin(params), lr=0.02, precondition_frequency=2, max_precond_dim=4, shampoo_beta=0.5)
+    fresh.load_state_dict(loaded)
+    assert_snapshots_equal(snapshot(opt, params), snapshot(fresh, fresh.param_groups[0]["params"]), "reloaded")
+
+
+@compiled_pending
+def test_refresh_clock_survives_a_resume(make_opt):
+    """A checkpoint taken when the clock is ahead of the step (a skipped call) resumes on the clock's schedule: the
+    resumed run is bit-identical to the uninterrupted one, through the refreshes at clock 4 and 6 (f=2)."""
+    def run(resume_at=None):
+        params = make_params([(4, 3), (3,), (2, 3, 2)], seed=8)
+        opt = make_opt(params, lr=0.02, precondition_frequency=2, precondition_1d=True)
+        for call in range(9):
+            if call == resume_at:
+                sd = copy.deepcopy(opt.state_dict())
+                params = twin(params)
+                opt = make_opt(params, lr=0.02, precondition_frequency=2, precondition_1d=True)
+                opt.load_state_dict(sd)
+            grads = grads_for(params, call)
+            if call == 2:
+                grads[0][1, 1] = float("nan")
+            set_grads(params, grads)
+            opt.step()
+        return opt, params
+
+    straight, sparams = run()
+    resumed, rparams = run(resume_at=4)
+    assert int(straight.state[sparams[0]]["refresh_clock"]) == 8 and int(straight.state[sparams[0]]["step"]) == 7
+    assert_snapshots_equal(snapshot(straight, sparams), snapshot(resumed, rparams), "resumed at call 4")
+
+
+BAD_CLOCKS = {"negative": -1, "float": 4.0, "bool": True, "string": "4", "below-step": 3, "missing": None}
+
+
+@compiled_pending
+@pytest.mark.parametrize("how", list(BAD_CLOCKS))
+def test_load_bad_refresh_clock_rejected(make_opt, how):
+    """refresh_clock must be an int >= step (it counts every call with a gradient after initialisation, the step only
+    the finite ones); a version-2 checkpoint without it is refused. Nothing changes when it is."""
+    src, _ = _trained(make_opt)
+    sd = copy.deepcopy(src.state_dict())
+    assert sd["state"][0]["step"] == 3
+    if how == "missing":
+        del sd["state"][0]["refresh_clock"]
+    elif how == "below-step":
+        sd["state"][0]["step"], sd["state"][0]["refresh_clock"] = 3, 2
+    else:
+        sd["state"][0]["refresh_clock"] = BAD_CLOCKS[how]
+    opt, params = _trained(make_opt)
+    before = snapshot(opt, params)
+    with pytest.raises(ValueError, match="cannot load SOAP state_dict: .*refresh_clock"):
+        opt.load_state_dict(sd)
+    assert_snapshots_equal(before, snapshot(opt, params), "after the rejected load")
+
+
+def _keys(d):
+    """A state_dict's top-level keys, but for our format_version (torch.optim has none)."""
+    return sorted(k for k in d if k != "format_version")
+
+
+def _hook_script(opt, log):
+    """Register the four kinds of state_dict hooks on `opt` and exercise them; what happened goes to `log`."""
+    handles = [
+        opt.register_state_dict_pre_hook(lambda o: log.append(("save-pre", "A", o is opt))),
+        opt.register_state_dict_pre_hook(lambda o: log.append(("save-pre", "B", o is opt)), prepend=True),
+        opt.register_state_dict_post_hook(lambda o, sd: log.append(("save-post", "A", _keys(sd)))),
+        opt.register_state_dict_post_hook(lambda o, sd: {**sd, "extra": 1}),  # a replacement
+        opt.register_state_dict_post_hook(lambda o, sd: log.append(("save-post", "C", sd.get("extra")))),
+    ]
+    out = opt.state_dict()
+    log.append(("saved", out.get("extra"), _keys(out)))
+    for h in handles:
+        h.remove()
+    sd = opt.state_dict()
+    log.append(("saved-without-hooks", _keys(sd)))
+
+    def load_pre_a(o, d):
+        log.append(("load-pre", "A", d is sd, sorted(d) == sorted(sd)))
+        d["param_groups"] = [{**g, "lr": 0.125} for g in d["param_groups"]]  # edits its shallow copy
+        del d["state"]
+        return {**d, "state": sd["state"]}  # and returns a replacement
+
+    def load_pre_b(o, d):
+        log.append(("load-pre", "B", d["param_groups"][0]["lr"]))
+
+    opt.register_load_state_dict_pre_hook(load_pre_a)
+    opt.register_load_state_dict_pre_hook(load_pre_b)
+    opt.register_load_state_dict_post_hook(lambda o: log.append(("load-post", "A", o.param_groups[0]["lr"])))
+    opt.register_load_state_dict_post_hook(lambda o: log.append(("load-post", "B")), prepend=True)
+    opt.load_state_dict(sd)
+    log.append(("after-load", opt.param_groups[0]["lr"], "state" in sd, sd["param_groups"][0]["lr"]))
+
+
+@compiled_pending
+def test_state_dict_hooks_fire_like_torch_optim(make_opt):
+    """The same hook script on torch.optim.SGD (the oracle) and on our optimizer leaves the same log, up to the
+    top-level keys of the state_dict (ours adds format_version): pre hooks before, in registration order with
+    prepend honoured; post hooks may replace the state_dict; load pre hooks get a shallow copy and may replace it;
+    load post hooks run after loading."""
+    logs = {}
+    for name, factory in (("torch", lambda ps: torch.optim.SGD(ps, lr=0.5)), ("ours", lambda ps: make_opt(ps, lr=0.5))):
+        params = make_params([(4, 3), (3,)])
+        opt = factory(params)
+        for call in range(2):
+            set_grads(params, grads_for(params, call))
+            opt.step()
+        logs[name] = []
+        _hook_script(opt, logs[name])
+    assert logs["ours"] == logs["torch"]
+    assert logs["torch"] == [
+        ("save-pre", "B", True), ("save-pre", "A", True), ("save-post", "A", ["param_groups", "state"]),
+        ("save-post", "C", 1), ("saved", 1, ["extra", "param_groups", "state"]),
+        ("saved-without-hooks", ["param_groups", "state"]),
+        ("load-pre", "A", False, True), ("load-pre", "B", 0.125), ("load-post", "B"), ("load-post", "A", 0.125),
+        ("after-load", 0.125, True, 0.5)]
+
+
+@compiled_pending
+def test_load_post_hooks_not_fired_when_loading_fails(make_opt):
+    opt, params = _trained(make_opt)
+    fired = []
+    opt.register_load_state_dict_pre_hook(lambda o, d: fired.append("pre"))
+    opt.register_load_state_dict_post_hook(lambda o: fired.append("post"))
+    bad = copy.deepcopy(opt.state_dict())
+    bad["format_version"] = 99
+    before = snapshot(opt, params)
+    with pytest.raises(ValueError, match="format_version"):
+        opt.load_state_dict(bad)
+    assert fired == ["pre"]
+    assert_snapshots_equal(before, snapshot(opt, params), "after the failed load")
 
 
 # ----------------------------------------------------------------------------------------------------- 6. long run

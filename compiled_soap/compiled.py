@@ -1,46 +1,37 @@
-"""`CompiledSOAP`: the Optimizer shell around the stacked math.
+"""`CompiledSOAP`: the torch.optim shell around the stacked math.
 
-It owns the state tensors (stacked per bucket, see `planning`), keeps every hyperparameter and step count on the
-device, gathers the gradients into static buffers, and then runs ONE compiled function per step:
-`stacked.plain_step` or `stacked.refresh_step`, chosen on the host. On CUDA with mode="reduce-overhead" that call is
-one CUDA graph replay; the other work of a steady-state step is a fixed handful of copies (gradients, and
-hyperparameters only when a scheduler changed them).
+Per step, on the host: apply edits made to `optimizer.state`, write changed hyperparameters to the device, copy
+every parameter and gradient into its bucket's static buffers (two batched copies; the optimizer never takes over
+`p.grad`), choose the step graph, run it, copy the parameters back out. The graph is `stacked.step`, compiled once
+per plan and refresh pattern (`compilation`); on CUDA with mode="reduce-overhead" it is one CUDA graph replay.
 
-Which step kind to run is decided without reading the device: the host knows each parameter's step count up to
-the steps skipped for non-finite gradients (decided on the device). It reads the counts back asynchronously (a
-non-blocking copy it only looks at once it has landed) and runs the refresh graph whenever some parameter MAY be
-due; inside the graph each parameter refreshes only if its own count says so. A late or skipped parameter is
-therefore exact, never early or late; the price of the uncertainty is at most an occasional refresh graph with
-nothing due.
+Which buckets refresh is decided on the host from what the host knows exactly: each parameter's refresh clock
+counts the calls in which it had a gradient (docs/spec.md §8), so no device value is ever read in steady state.
+State is owned by `state.StackedState`.
 """
 
 from __future__ import annotations
 
-import time
-import types
-from collections import defaultdict
-from typing import Callable, Optional
+import warnings
+from typing import Callable, NamedTuple, Optional
 
 import numpy as np
 import torch
 
 from . import stacked
-from .checkpoint import FORMAT_VERSION, check_and_convert
+from .checkpoint import FORMAT_VERSION, check_and_convert, load_state_dict_with_hooks, saved_entry, \
+    state_dict_with_hooks
+from .compilation import StepCompiler, mark_static
+from .hyperparameters import checked_defaults, validate_hyperparameters, validate_param_group
 from .nvtx_ranges import nvtx_range
-from .planning import BucketPlan, bucket_key, from_merged, layout_of, make_plan, to_merged
-from .validation import checked_defaults, validate_grad, validate_param_group
+from .orthogonalization import ORTHOGONALIZATIONS, full_precision_matmul
+from .planning import layout_of
+from .state import StackedState, StateTable
+from .validation import state_dtype, validate_grad
 
-
-class _Bucket:
-    """One bucket's plan, its tensors (as the stacked functions take them) and its parameters."""
-
-    def __init__(self, plan: BucketPlan, tensors: dict, indices: list[int]):
-        self.plan, self.tensors, self.indices = plan, tensors, indices
-        self.grad_slots = list(tensors["grad"].unbind(0))  # static views the gradients are copied into
-
-    @property
-    def params(self) -> list:
-        return self.tensors["params"]
+_HYPER_FIELDS = stacked.Hyper._fields
+_WATCHED = ("lr", "betas", "eps", "weight_decay", "correct_bias", "normalize_grads", "shampoo_beta",
+            "precondition_frequency", "max_precond_dim", "merge_dims", "precondition_1d", "data_format")
 
 
 class CompiledSOAP(torch.optim.Optimizer):
@@ -51,11 +42,14 @@ class CompiledSOAP(torch.optim.Optimizer):
         mode: torch.compile mode; "reduce-overhead" captures each step kind as a CUDA graph.
         backend: torch.compile backend; "aot_eager" traces the same graphs without code generation (debugging,
             and the CPU test suite, where Inductor's C++ compilation takes minutes).
+        orthogonalization: how the refresh orthonormalises F·Q: "householder" (torch.linalg.qr, the paper's) or
+            "cholesky" (shifted CholeskyQR3: batched matmuls only, much faster on GPUs), or
+            "householder-outside-graph" (the paper's QR as an op that Inductor keeps out of the CUDA graph: the
+            refresh becomes a few graph replays around an eager QR, for a GPU whose QR cannot be captured).
 
-    After each `step()`, `last_step_kind` is "init" (only initialisations), "plain", "refresh" or "none".
-    `compile_seconds` accumulates the wall time of calls that compiled or recorded a graph.
-    `skipped_steps()` returns, on the device and without a sync, how many steps each parameter skipped for a
-    non-finite gradient.
+    After each `step()`, `last_step_kind` is "init" (only initialisations), "plain", "refresh" or "none";
+    `compile_seconds` accumulates the wall time of calls that compiled or recorded a graph; `skipped_steps()`
+    returns, on the device, how many calls each parameter skipped for a non-finite gradient.
 
     All parameters must be on one device. Structural options (merge_dims, max_precond_dim, precondition_1d,
     data_format) are frozen per parameter at its first step, like shampoo_beta and precondition_frequency.
@@ -79,75 +73,58 @@ class CompiledSOAP(torch.optim.Optimizer):
         *,
         compile: bool = True,
         mode: Optional[str] = "reduce-overhead",
-        backend: str = "inductor",
+        backend="inductor",
+        orthogonalization: str = "householder",
     ):
         defaults = checked_defaults(locals())
-        self._use_compile = compile
-        self._mode = mode if backend == "inductor" else None
-        self._backend = backend
-        self._buckets: list[_Bucket] = []
-        self._items: Optional[dict] = None
-        self._initialized: Optional[np.ndarray] = None
-        self._plan_version = 0
-        self._functions: dict = {}
-        self._calls: dict = defaultdict(int)
-        self._hyper_cache: Optional[list] = None
-        self._has_grad_cache: Optional[np.ndarray] = None
-        self._adopt_grads: set = set()
+        if orthogonalization not in ORTHOGONALIZATIONS:
+            raise ValueError(f"Invalid orthogonalization: {orthogonalization!r} (one of {sorted(ORTHOGONALIZATIONS)})")
+        self._options = {"compile": compile, "mode": mode, "backend": backend, "orthogonalization": orthogonalization}
+        self._owner = StackedState()
+        self._compiler = StepCompiler(compile, backend, mode)
+        self._params: list = []
+        self._hyper: Optional[stacked.Hyper] = None
         self.last_step_kind: Optional[str] = None
-        self.compile_seconds = 0.0
         super().__init__(params, defaults)
+        self.state = StateTable()
 
-    # ------------------------------------------------------------------ param groups and per-parameter tensors
+    @property
+    def compile_seconds(self) -> float:
+        return self._compiler.compile_seconds
+
+    # ------------------------------------------------------------------ param groups
 
     def add_param_group(self, param_group: dict) -> None:
         validate_param_group(param_group, self.defaults)
-        devices = {p.device for p in param_group["params"]} | {p.device for g in self.param_groups for p in g["params"]}
+        devices = {p.device for p in param_group["params"]} | {p.device for p in self._params}
         if len(devices) > 1:
             raise ValueError(f"CompiledSOAP needs all parameters on one device, got {sorted(map(str, devices))}")
         super().add_param_group(param_group)
-        self._resize_items()
+        self._groups_changed()
 
-    def _resize_items(self) -> None:
-        """(Re)build the per-parameter device tensors, keeping the values of parameters seen before."""
-        self._params = params = [p for g in self.param_groups for p in g["params"]]
-        n, old = len(params), self._items
-        device = params[0].device if params else torch.device("cpu")
-        items = {
-            "step": torch.zeros(n, dtype=torch.int64, device=device),
-            "skipped": torch.zeros(n, dtype=torch.int64, device=device),
-            "has_grad": torch.zeros(n, dtype=torch.bool, device=device),
-            "group": torch.tensor([gi for gi, g in enumerate(self.param_groups) for _ in g["params"]],
-                                  dtype=torch.int64, device=device),
-            "shampoo_beta": torch.zeros(n, dtype=torch.float64, device=device),
-            "frequency": torch.ones(n, dtype=torch.int64, device=device),
-            "hyper": torch.zeros(len(self.param_groups), stacked.N_HYPER, dtype=torch.float64, device=device),
-        }
-        initialized = np.zeros(n, dtype=bool)
-        if old is not None:
-            m = len(self._initialized)
-            for key in ("step", "skipped", "shampoo_beta", "frequency"):
-                items[key][:m].copy_(old[key])
-            initialized[:m] = self._initialized
-            self._host_step = np.pad(self._host_step, (0, n - m))
-            self._host_since = np.pad(self._host_since, (0, n - m))
-            self._host_frequency = np.pad(self._host_frequency, (0, n - m), constant_values=1)
-        else:
-            self._host_step = np.zeros(n, dtype=np.int64)
-            self._host_since = np.zeros(n, dtype=np.int64)
-            self._host_frequency = np.ones(n, dtype=np.int64)
-            self._snapshot = None
-        self._items, self._initialized = items, initialized
-        self._hyper_cache = self._has_grad_cache = None
-        self._mark_static(list(items.values()))
+    def _groups_changed(self) -> None:
+        self._params = [p for g in self.param_groups for p in g["params"]]
+        self._group_index = [gi for gi, g in enumerate(self.param_groups) for _ in g["params"]]
+        self._index_of = {p: i for i, p in enumerate(self._params)}
+        self._hyper = None  # one row per group: reallocated (and the graphs recompiled) at the next step
+        self._compiler.reset()
         self._plan_changed()
 
     def _plan_changed(self) -> None:
-        self._plan_version += 1
-        self._functions.clear()
-        # (slot, parameter, index) for every bucketed parameter: what _gather_grads walks at each step.
-        self._grad_routes = [r for b in self._buckets for r in zip(b.grad_slots, b.params, b.indices)]
-        self._publish_state()
+        buckets = self._owner.buckets
+        initialized = self._owner.is_initialized()
+        self._uninitialized = [i for i in range(len(self._params)) if i not in initialized]
+        self._plans = tuple(b.plan for b in buckets)
+        self._routes = _Routes.of(buckets)
+
+    def _rebuild(self, entries: dict) -> None:
+        """Every bucket anew from per-parameter entries (the one build path), then `state` re-published."""
+        plans = self._plans if hasattr(self, "_plans") else None
+        self._owner.rebuild(entries, self._params, self.param_groups, self._group_index)
+        self._owner.publish(self.state, self._params)
+        self._plan_changed()
+        if self._plans != plans:
+            self._compiler.reset()
 
     # ------------------------------------------------------------------ step
 
@@ -159,292 +136,246 @@ class CompiledSOAP(torch.optim.Optimizer):
                 loss = closure()
         with nvtx_range("step"):
             with nvtx_range("prepare"):
-                params = self._params
-                has_grad = np.zeros(len(params), dtype=bool)
-                for i, p in enumerate(params):
-                    if p.grad is not None:
+                if self.state.edited:
+                    self._apply_state_edits()
+                self._write_hyperparameters()
+                masks, copies, new = self._intake()
+            kind = None
+            if copies[0]:
+                refreshing = self._write_masks(masks)
+                kind = "refresh" if any(refreshing) else "plain"
+                try:
+                    torch._foreach_copy_(copies[0], copies[1])
+                except RuntimeError:
+                    for p in copies[3]:  # a sparse or otherwise unusable gradient: say which and why
                         validate_grad(p)
-                        has_grad[i] = True
-                new = np.flatnonzero(has_grad & ~self._initialized)
-                stepping = has_grad & self._initialized
-                kind = None
-                if stepping.any():
-                    self._read_snapshot()
-                    kind = "refresh" if self._refresh_possible(stepping) else "plain"
-                    self._write_hyperparameters()
-                    self._write_has_grad(stepping)
-                    self._gather_grads(stepping)
-            if kind is not None:
-                self._run(kind)
-                self._after_run(stepping)
-            if len(new):
+                    raise
+                torch._foreach_copy_(copies[2], copies[3])
+                with full_precision_matmul():
+                    self._compiler.run((self._plans, refreshing), kind, stacked.step,
+                                       {"refreshing": refreshing, "method": self._options["orthogonalization"]},
+                                       self._plans, tuple(b.tensors for b in self._owner.buckets), self._hyper)
+                torch._foreach_copy_(copies[3], copies[2])
+            if new:
                 with nvtx_range("initialize"):
-                    self._initialize([params[i] for i in new], new)
-        self.last_step_kind = kind or ("init" if len(new) else "none")
+                    self._initialize(new)
+        self.last_step_kind = kind or ("init" if new else "none")
         return loss
 
-    def _run(self, kind: str) -> None:
-        fn = self._function(kind)
-        plans = tuple(b.plan for b in self._buckets)
-        buckets = [b.tensors for b in self._buckets]
-        # reduce-overhead: the first call warms up (compiles), the second records the graph, later calls replay.
-        key = (kind, self._plan_version)
-        setup_calls = 0 if not self._use_compile else (2 if self._mode == "reduce-overhead" else 1)
-        if self._calls[key] < setup_calls:
-            start = time.perf_counter()
-            with nvtx_range(f"compile/{kind}"):
-                fn(plans, buckets, self._items)
-            self.compile_seconds += time.perf_counter() - start
+    def _intake(self):
+        """Which parameters have a gradient, and the copies that bring them into the static buffers:
+        (per-bucket masks, (grad slots, grads, param slots, params), new parameter indices).
+
+        The hot path of every step: a few list comprehensions over the parameters (about three attribute reads
+        each); everything per bucket or per parameter that does not change between steps was built by
+        `_plan_changed`."""
+        r = self._routes
+        params = r.params
+        grads = [p.grad for p in params]
+        # Storage changes: a new dtype or shape (a new address or memory format needs nothing: parameters are
+        # read and written by copy at every step).
+        if [p.dtype for p in params] != r.dtypes or [p.shape for p in params] != r.shapes:
+            self._storage_changed()
+            return self._intake()
+        missing = [g is None for g in grads]
+        if not any(missing):
+            masks, copies = r.all_true, (r.grad_slots, grads, r.param_slots, params)
         else:
-            with nvtx_range(f"graph/{kind}"):
-                fn(plans, buckets, self._items)
-        self._calls[key] += 1
+            has = ~np.array(missing, dtype=bool)
+            masks = [has[a:b] for a, b in r.bounds]
+            keep = np.flatnonzero(has).tolist()
+            copies = tuple([x[k] for k in keep] for x in (r.grad_slots, grads, r.param_slots, params))
+        new = []
+        for i in self._uninitialized:
+            p = self._params[i]
+            if p.grad is not None:
+                validate_grad(p)
+                new.append(i)
+        return masks, copies, new
 
-    def _function(self, kind: str):
-        if kind not in self._functions:
-            fn = stacked.refresh_step if kind == "refresh" else stacked.plain_step
-            if self._use_compile:
-                # A private copy of the function per optimizer and plan: Dynamo keeps its cache on the code
-                # object, so sharing it would make every plan a recompile of one code object (limit 8).
-                code = fn.__code__.replace()
-                fn = types.FunctionType(code, fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
-                fn = torch.compile(fn, fullgraph=True, dynamic=False, backend=self._backend, mode=self._mode)
-            self._functions[kind] = fn
-        return self._functions[kind]
+    def _storage_changed(self) -> None:
+        """Some parameter is not what its bucket was planned for. A new shape raises; a new dtype re-plans the
+        parameter with its state carried over (converted, with a warning, when the state dtype changes)."""
+        for b in self._owner.buckets:
+            for i, p in zip(b.members, b.params):
+                plan = b.plan
+                if p.shape != plan.layout.shape:
+                    raise ValueError(
+                        f"parameter {i} changed shape from {plan.layout.shape} to {tuple(p.shape)} after its first "
+                        "step, and its SOAP state has the old shape: reset its state (del optimizer.state[p]) or "
+                        "build a new optimizer")
+                if state_dtype(p.dtype) != plan.state_dtype:
+                    warnings.warn(f"parameter {i} changed dtype from {plan.param_dtype} to {p.dtype} after its first "
+                                  f"step: its SOAP state was converted from {plan.state_dtype} to "
+                                  f"{state_dtype(p.dtype)}")
+        self._rebuild(self._owner.entries())
 
-    # ------------------------------------------------------------------ host-side preparation
+    def _write_masks(self, masks: list) -> tuple:
+        """Upload which items have a gradient (only where it changed); return, per bucket, whether any of its
+        items is due for a refresh at this call (§8: its clock after this call is a multiple of its period)."""
+        refreshing = []
+        for b, mask in zip(self._owner.buckets, masks):
+            if not np.array_equal(mask, b.host_has_grad):
+                _copy_from_host(b.tensors.has_grad, torch.from_numpy(mask))
+                b.host_has_grad[:] = mask
+            clock = b.host_clock + mask
+            refreshing.append(bool(np.any(mask & (clock % b.host_frequency == 0))))
+            b.host_clock[:] = clock
+        return tuple(refreshing)
 
     def _write_hyperparameters(self) -> None:
-        rows = []
-        for g in self.param_groups:
-            lr = g["lr"]
-            lr = float(lr.item() if isinstance(lr, torch.Tensor) else lr)
-            rows.append((lr, float(g["betas"][0]), float(g["betas"][1]), float(g["eps"]),
-                         float(g["weight_decay"]), float(g["correct_bias"]), float(g["normalize_grads"])))
-        if rows != self._hyper_cache:
-            _copy_from_host(self._items["hyper"], torch.tensor(rows, dtype=torch.float64))
-            self._hyper_cache = rows
+        """Validate a group whose values changed and rewrite the device table (one copy), only then. A tensor lr
+        is copied device-to-device at every step (reading it would sync)."""
+        groups = self.param_groups
+        if self._hyper is None:
+            device = self._params[0].device if self._params else torch.device("cpu")
+            self._hyper_table = torch.zeros(len(_HYPER_FIELDS), len(groups), dtype=torch.float64, device=device)
+            mark_static([self._hyper_table])
+            self._hyper = stacked.Hyper(*self._hyper_table.unbind(0))
+            self._hyper_seen = [None] * len(groups)
+        changed = False
+        for gi, g in enumerate(groups):
+            seen = tuple(id(g[k]) if isinstance(g[k], torch.Tensor) else g[k] for k in _WATCHED)
+            if seen != self._hyper_seen[gi]:
+                validate_hyperparameters({**self.defaults, **{k: v for k, v in g.items() if k != "params"}})
+                self._hyper_seen[gi] = seen
+                changed = True
+        if changed:
+            rows = []
+            for g in groups:
+                lr = 0.0 if isinstance(g["lr"], torch.Tensor) else float(g["lr"])
+                rows.append((lr, float(g["betas"][0]), float(g["betas"][1]), float(g["eps"]),
+                             float(g["weight_decay"]), float(g["correct_bias"]), float(g["normalize_grads"])))
+            _copy_from_host(self._hyper_table, torch.tensor(rows, dtype=torch.float64).T.contiguous())
+        for gi, g in enumerate(groups):
+            if isinstance(g["lr"], torch.Tensor):
+                self._hyper.lr[gi].copy_(g["lr"].reshape(()), non_blocking=True)
 
-    def _write_has_grad(self, stepping: np.ndarray) -> None:
-        if self._has_grad_cache is None or not np.array_equal(stepping, self._has_grad_cache):
-            _copy_from_host(self._items["has_grad"], torch.from_numpy(stepping.copy()))
-            self._has_grad_cache = stepping.copy()
+    # ------------------------------------------------------------------ first calls and state edits
 
-    def _gather_grads(self, stepping: np.ndarray) -> None:
-        """Bring this step's gradients into the static buffers: one batched copy, of the gradients that are not
-        already there. After its first step each parameter's .grad IS a view of its slot; while it is zeroed in
-        place (zero_grad(set_to_none=False)) backward accumulates straight into the buffer and nothing is copied.
-        With set_to_none=True autograd hands out fresh tensors, which are copied (never stale memory: the address
-        is checked every step)."""
-        slots, grads = [], []
-        for slot, p, i in self._grad_routes:
-            if stepping[i] and p.grad.data_ptr() != slot.data_ptr():
-                slots.append(slot)
-                grads.append(p.grad)
-        if slots:
-            torch._foreach_copy_(slots, grads)
-        if self._adopt_grads:  # parameters restored by load_state_dict: make their .grad the slot from now on
-            for slot, p, i in self._grad_routes:
-                if stepping[i] and p in self._adopt_grads:
-                    _adopt_grad(p, slot)
-                    self._adopt_grads.discard(p)
-
-    def _refresh_possible(self, stepping: np.ndarray) -> bool:
-        """Could any stepping parameter's new step count be a multiple of its refresh period?
-
-        Its count after this step lies in [known + 1, known + since + 1]: `known` was read from the device, `since`
-        counts the steps attempted after that read, each of which may have been skipped.
-        """
-        lo = self._host_step + 1
-        hi = self._host_step + self._host_since + 1
-        f = self._host_frequency
-        return bool(np.any(stepping & ((hi // f) * f >= lo)))
-
-    def _after_run(self, stepping: np.ndarray) -> None:
-        self._host_since += stepping
-        if self._snapshot is None:  # at most one read-back in flight
-            self._snapshot = (_ReadBack(self._items["step"]), self._host_since.copy())
-
-    def _read_snapshot(self) -> None:
-        if self._snapshot is not None and self._snapshot[0].ready():
-            read_back, since_at_copy = self._snapshot
-            m = len(since_at_copy)  # parameters added since the copy keep their host-side counts
-            self._host_step[:m] = read_back.values()
-            self._host_since[:m] -= since_at_copy
-            self._snapshot = None
-
-    # ------------------------------------------------------------------ initialisation (eager)
-
-    def _initialize(self, params: list[torch.Tensor], indices: np.ndarray) -> None:
-        """First call of these parameters (spec §3): factors and eigenbases only; buckets by shape."""
-        groups = {p: g for g in self.param_groups for p in g["params"]}
-        members: dict[tuple, list] = defaultdict(list)
-        for p, i in zip(params, indices):
-            if not bool(torch.isfinite(p.grad).all()):
-                self._items["skipped"][i] += 1  # stays uninitialised, like the reference
+    def _initialize(self, new: list) -> None:
+        """First call of these parameters (§3 I1-I3), eagerly, one at a time; then the buckets are rebuilt."""
+        entries = {}
+        for i in new:
+            p, g = self._params[i], self.param_groups[self._group_index[i]]
+            if not bool(torch.isfinite(p.grad).all()):  # stays uninitialised, like the reference
+                self._owner.pre_init_skipped[i] = self._owner.pre_init_skipped.get(i, 0) + 1
                 continue
-            members[bucket_key(p, groups[p])].append((p, int(i)))
-        if not members:
-            self._publish_state()  # the skip counts of parameters that stay uninitialised
-            return
-        items = self._items
-        for key, pairs in members.items():
-            plan = make_plan(key, len(pairs))
-            ps, idx = [p for p, _ in pairs], [i for _, i in pairs]
-            frozen_beta = [_frozen_shampoo_beta(groups[p]) for p in ps]
-            frequency = [groups[p]["precondition_frequency"] for p in ps]
-            grad = torch.stack([p.grad for p in ps])
-            factors, bases = stacked.initialize(plan, grad, torch.tensor(frozen_beta, dtype=torch.float64,
-                                                                             device=grad.device))
-            zeros = torch.zeros((len(ps), *plan.layout.merged_shape), dtype=plan.state_dtype, device=grad.device)
-            self._add_bucket(plan, ps, idx, grad, zeros, zeros.clone(), factors, bases)
-            for p, slot in zip(ps, self._buckets[-1].grad_slots):
-                _adopt_grad(p, slot)
-            index = torch.tensor(idx, device=grad.device)
-            items["step"].index_fill_(0, index, 0)
-            items["shampoo_beta"].index_copy_(0, index, torch.tensor(frozen_beta, dtype=torch.float64,
-                                                                         device=grad.device))
-            items["frequency"].index_copy_(0, index, torch.tensor(frequency, device=grad.device))
-            self._initialized[idx] = True
-            self._host_step[idx] = 0
-            self._host_since[idx] = 0
-            self._host_frequency[idx] = frequency
-        self._plan_changed()
+            beta = g["shampoo_beta"] if g["shampoo_beta"] >= 0 else g["betas"][1]
+            entries[i] = stacked.initial_entry(p.grad, layout_of(p.shape, g), state_dtype(p.dtype), float(beta),
+                                               int(g["precondition_frequency"]))
+        if entries:
+            self._rebuild({**self._owner.entries(), **entries})
+        else:
+            self._owner.publish(self.state, self._params)
 
-    def _add_bucket(self, plan, params, indices, grad, exp_avg, exp_avg_sq, factors, bases) -> None:
-        tensors = {
-            "grad": grad, "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq, "factors": factors,
-            "eigenbases": bases, "index": torch.tensor(indices, device=grad.device), "params": list(params),
-        }
-        self._mark_static([grad, exp_avg, exp_avg_sq, tensors["index"], *params,
-                           *[t for t in factors + bases if t is not None]])
-        self._buckets.append(_Bucket(plan, tensors, list(indices)))
+    def _apply_state_edits(self) -> None:
+        """Bring the stacks in line with what was written into `optimizer.state` since the last step."""
+        edited, self.state.edited = self.state.edited, set()
+        entries = self._owner.entries()
+        replaced = {}
+        for p in edited:
+            if p not in self._index_of:
+                raise ValueError("optimizer.state has an entry for a tensor that is not a parameter of this optimizer")
+            i = self._index_of[p]
+            entry = dict.get(self.state, p)
+            if entry is not None and "Q" in entry:
+                replaced[i] = entry
+                continue
+            entries.pop(i, None)  # reset: the next gradient initialises it again
+            self._owner.pre_init_skipped[i] = int(entry.get("skipped", 0)) if entry else 0
+        if replaced:
+            groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": list(range(len(g["params"])))}
+                      for g in self.param_groups]
+            offsets = np.cumsum([0] + [len(g["params"]) for g in self.param_groups])
+            # check_and_convert addresses parameters by (group, position) ids: make them global indices.
+            for g, start in zip(groups, offsets):
+                g["params"] = [start + k for k in g["params"]]
+            _, converted = check_and_convert(self, {"state": {i: saved_entry(_host_entry(e)) for i, e in
+                                                              replaced.items()},
+                                                    "param_groups": groups, "format_version": FORMAT_VERSION},
+                                             _factor_sizes)
+            entries.update({self._index_of[p]: e for p, e in converted.items()})
+        self._rebuild(entries)
 
-    def _mark_static(self, tensors: list) -> None:
-        # Static inputs keep their addresses inside the CUDA graph instead of being copied in at every replay.
-        if self._use_compile:
-            for t in tensors:
-                if t.is_cuda:
-                    torch._dynamo.mark_static_address(t, guard=False)
-
-    # ------------------------------------------------------------------ state: views, state_dict
-
-    def _publish_state(self) -> None:
-        """`self.state[p]` holds live views of the stacked state, in the reference's layout and keys."""
-        self.state = defaultdict(dict)
-        items = self._items
-        for b in self._buckets:
-            exp_avg = from_merged(b.tensors["exp_avg"], b.plan.layout)
-            exp_avg_sq = from_merged(b.tensors["exp_avg_sq"], b.plan.layout)
-            for j, (p, i) in enumerate(zip(b.params, b.indices)):
-                self.state[p] = {
-                    "step": items["step"][i], "exp_avg": exp_avg[j], "exp_avg_sq": exp_avg_sq[j],
-                    "GG": [None if f is None else f[j] for f in b.tensors["factors"]],
-                    "Q": [None if q is None else q[j] for q in b.tensors["eigenbases"]],
-                    "precondition_frequency": int(self._host_frequency[i]),
-                    "shampoo_beta": items["shampoo_beta"][i],
-                    "skipped": items["skipped"][i],
-                }
-        # Like SOAP, a parameter whose every gradient so far was non-finite has a state holding just its skip count.
-        uninitialized = np.flatnonzero(~self._initialized)
-        if len(uninitialized):
-            counts = items["skipped"][torch.from_numpy(uninitialized).to(items["skipped"].device)].tolist()
-            params = self._params
-            for i, n in zip(uninitialized.tolist(), counts):
-                if n:
-                    self.state[params[i]] = {"skipped": items["skipped"][i]}
+    # ------------------------------------------------------------------ state_dict, copies
 
     def skipped_steps(self) -> torch.Tensor:
-        """Per parameter (param_groups order), steps skipped for a non-finite gradient. A device tensor: reading
+        """Per parameter (param_groups order), calls skipped for a non-finite gradient. A device tensor: reading
         it (`.tolist()`) syncs, keeping it does not."""
-        return self._items["skipped"]
+        device = self._params[0].device if self._params else torch.device("cpu")
+        return self._owner.skipped_steps(len(self._params), device)
+
+    def _state_dict(self) -> dict:
+        if self.state.edited:
+            self._apply_state_edits()
+        groups = []
+        for g, start in zip(self.param_groups, np.cumsum([0] + [len(g["params"]) for g in self.param_groups])):
+            groups.append({**{k: v for k, v in g.items() if k != "params"},
+                           "params": list(range(int(start), int(start) + len(g["params"])))})
+        state = {i: saved_entry(_host_entry(e)) for i, e in self._owner.entries().items()}
+        state.update({i: {"skipped": n} for i, n in self._owner.pre_init_skipped.items() if n})
+        return {"state": dict(sorted(state.items())), "param_groups": groups, "format_version": FORMAT_VERSION}
 
     def state_dict(self) -> dict:
-        index = {p: i for i, p in enumerate(self._params)}
-        groups = []
-        for g in self.param_groups:
-            groups.append({**{k: v for k, v in g.items() if k != "params"}, "params": [index[p] for p in g["params"]]})
-        state = {}
-        skipped = self._items["skipped"].tolist()
-        for p, s in self.state.items():
-            if "Q" not in s:  # no optimizer state (only a skip count, or an empty entry made by reading self.state[p])
-                continue
-            state[index[p]] = {
-                "step": int(s["step"]),
-                "exp_avg": s["exp_avg"].clone(memory_format=torch.contiguous_format),
-                "exp_avg_sq": s["exp_avg_sq"].clone(memory_format=torch.contiguous_format),
-                "GG": [None if f is None else f.clone() for f in s["GG"]],
-                "Q": [None if q is None else q.clone() for q in s["Q"]],
-                "precondition_frequency": s["precondition_frequency"],
-                "shampoo_beta": float(s["shampoo_beta"]),
-                "skipped": skipped[index[p]],
-            }
-        for p, i in index.items():
-            if i not in state and skipped[i]:
-                state[i] = {"skipped": skipped[i]}
-        return {"state": state, "param_groups": groups, "format_version": FORMAT_VERSION}
+        return state_dict_with_hooks(self, self._state_dict)
 
-    def load_state_dict(self, state_dict: dict) -> None:
-        groups, state = check_and_convert(self, state_dict, lambda p, g: list(layout_of(p.shape, g).factor_sizes))
+    def _load_state_dict(self, state_dict: dict) -> None:
+        groups, state = check_and_convert(self, state_dict, _factor_sizes)
         # Everything was checked: from here on nothing can fail half-way.
         self.param_groups = groups
-        self._buckets, self._items, self._initialized, self._adopt_grads = [], None, None, set()
-        self._resize_items()
-        params = self._params
-        group_of = {p: g for g in groups for p in g["params"]}
-        members: dict[tuple, list] = defaultdict(list)
-        for i, p in enumerate(params):
-            s = state.get(p, {})
-            self._items["skipped"][i] = s.get("skipped", 0)
-            if "Q" in s:
-                members[bucket_key(p, group_of[p])].append((p, i, s))
-        for key, triples in members.items():
-            plan = make_plan(key, len(triples))
-            ps, idx, ss = zip(*triples)
-            stack = lambda k: to_merged(torch.stack([s[k] for s in ss]), plan.layout).contiguous()  # noqa: E731
-            mats = lambda k: [None if ss[0][k][a] is None else torch.stack([s[k][a] for s in ss])  # noqa: E731
-                              for a in range(len(plan.layout.factor_sizes))]
-            grad = torch.zeros((len(ps), *ps[0].shape), dtype=ps[0].dtype, device=ps[0].device)
-            self._add_bucket(plan, ps, list(idx), grad, stack("exp_avg"), stack("exp_avg_sq"), mats("GG"), mats("Q"))
-            for p, i, s in triples:
-                self._items["step"][i] = s["step"]
-                self._items["shampoo_beta"][i] = s["shampoo_beta"]
-                self._items["frequency"][i] = s["precondition_frequency"]
-                self._initialized[i] = True
-                self._host_step[i] = s["step"]
-                self._host_frequency[i] = s["precondition_frequency"]
-            self._adopt_grads.update(ps)
-        self._plan_changed()
+        self._owner = StackedState()
+        self._groups_changed()
+        index = self._index_of
+        self._owner.pre_init_skipped = {index[p]: s["skipped"] for p, s in state.items() if "Q" not in s}
+        self._rebuild({index[p]: s for p, s in state.items() if "Q" in s})
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        load_state_dict_with_hooks(self, state_dict, self._load_state_dict)
+
+    def __getstate__(self) -> dict:
+        # Compiled functions cannot be copied or pickled: a copy is rebuilt from the checkpoint layout.
+        return {"param_groups": self.param_groups, "defaults": self.defaults, "options": self._options,
+                "state_dict": self._state_dict()}
+
+    def __setstate__(self, state: dict) -> None:
+        CompiledSOAP.__init__(self, state["param_groups"], **state["defaults"], **state["options"])
+        self._load_state_dict(state["state_dict"])
 
 
-class _ReadBack:
-    """A device tensor's values on the host, copied without blocking it: poll ready() before values()."""
+class _Routes(NamedTuple):
+    """The bucketed parameters in bucket order, with what the hot path compares and copies (built per plan)."""
 
-    def __init__(self, t: torch.Tensor):
-        if t.is_cuda:
-            self._host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-            self._host.copy_(t, non_blocking=True)
-            self._event = torch.cuda.Event()
-            self._event.record()
-        else:
-            self._host, self._event = t.clone(), None
+    params: list
+    dtypes: list
+    shapes: list
+    grad_slots: list
+    param_slots: list
+    bounds: list  # per bucket, (start, end) in `params`
+    all_true: list  # per bucket, an all-True mask
 
-    def ready(self) -> bool:
-        return self._event is None or self._event.query()
-
-    def values(self) -> np.ndarray:
-        return self._host.numpy()
-
-
-def _frozen_shampoo_beta(group: dict) -> float:
-    sb = group["shampoo_beta"]
-    return float(sb if sb >= 0 else group["betas"][1])
+    @staticmethod
+    def of(buckets) -> "_Routes":
+        params = [p for b in buckets for p in b.params]
+        ends = np.cumsum([len(b.params) for b in buckets]).tolist()
+        return _Routes(params, [b.plan.param_dtype for b in buckets for _ in b.params],
+                       [torch.Size(b.plan.layout.shape) for b in buckets for _ in b.params],
+                       [s for b in buckets for s in b.grad_slots], [s for b in buckets for s in b.param_slots],
+                       list(zip([0] + ends[:-1], ends)), [np.ones(len(b.params), dtype=bool) for b in buckets])
 
 
-def _adopt_grad(p: torch.Tensor, slot: torch.Tensor) -> None:
-    """Make the gradient buffer's slot (which holds the same values) the parameter's .grad (see _gather_grads)."""
-    if p.grad.dtype == p.dtype and p.grad.layout == p.layout:
-        p.grad = slot
+def _factor_sizes(p: torch.Tensor, group: dict) -> list:
+    return list(layout_of(p.shape, group).factor_sizes)
+
+
+def _host_entry(entry: dict) -> dict:
+    """An entry with its 0-d device scalars read back as Python numbers (syncs: checkpoints and edits only)."""
+    out = dict(entry)
+    for key, cast in (("step", int), ("skipped", int), ("refresh_clock", int), ("shampoo_beta", float),
+                      ("precondition_frequency", int)):
+        if isinstance(out.get(key), torch.Tensor):
+            out[key] = cast(out[key])
+    return out
 
 
 def _copy_from_host(dst: torch.Tensor, src: torch.Tensor) -> None:

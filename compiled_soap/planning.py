@@ -2,8 +2,10 @@
 
 A bucket is a set of parameters whose SOAP step is the same computation up to the data, so their state can be
 stacked into [B, ...] tensors and updated by batched kernels: same device, dtype and shape, the same merged shape
-and preconditioned axes (spec §5). Buckets are formed among the parameters initialised at the same call, so the
-members of a bucket normally refresh on the same calls (each member still refreshes by its own step count).
+and preconditioned axes (docs/spec.md §5). Parameters that refresh on the same calls (same period and phase of
+their refresh clock, §8) share a bucket, so a refresh graph refreshes whole buckets. Buckets are always formed
+from scratch over every initialised parameter, in parameter order: the same parameters give the same buckets,
+whatever the history (a resumed run runs the same kernels as an uninterrupted one).
 """
 
 from __future__ import annotations
@@ -82,11 +84,19 @@ def from_merged(x: torch.Tensor, layout: Layout) -> torch.Tensor:
     return x.reshape(x.shape[0], *layout.shape)
 
 
-def bucket_key(p: torch.Tensor, group: dict) -> tuple:
-    """Parameters with equal keys (initialised at the same call) are stacked together."""
-    return (p.device, p.dtype, layout_of(p.shape, group))
+class BucketKey(NamedTuple):
+    """Parameters with equal keys are stacked together."""
+
+    device: torch.device
+    dtype: torch.dtype
+    layout: Layout
+    frequency: int
+    phase: int  # refresh_clock % frequency when the buckets were formed
 
 
-def make_plan(key: tuple, size: int) -> BucketPlan:
-    _, dtype, layout = key
-    return BucketPlan(layout, dtype, state_dtype(dtype), size)
+def bucket_key(p: torch.Tensor, group: dict, frequency: int, refresh_clock: int) -> BucketKey:
+    return BucketKey(p.device, p.dtype, layout_of(p.shape, group), frequency, refresh_clock % frequency)
+
+
+def make_plan(key: BucketKey, size: int) -> BucketPlan:
+    return BucketPlan(key.layout, key.dtype, state_dtype(key.dtype), size)

@@ -1,0 +1,91 @@
+"""Compilation mechanics: torch.compile per plan and step kind, static addresses, warm-up and recording, NVTX.
+
+Nothing here knows SOAP. A `StepCompiler` hands out one compiled callable per (plan version, kind); on CUDA with
+mode="reduce-overhead" each callable is one CUDA graph: the first call compiles and warms up, the second records,
+later calls replay (docs: DESIGN_NOTES, cudagraph trees).
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+import types
+from typing import Callable, Hashable, Optional
+
+import torch
+
+from .nvtx_ranges import nvtx_range
+
+
+def mark_static(tensors) -> None:
+    """Persistent tensors keep their address inside the CUDA graph instead of being copied in at every replay.
+    Marked on every device, so that a trace on CPU shows the same static-input set a CUDA capture gets."""
+    for t in tensors:
+        if t is not None:
+            torch._dynamo.mark_static_address(t, guard=False)
+
+
+def _private_copy(fn: Callable) -> Callable:
+    # Dynamo keeps its cache on the code object: a private copy per compiled callable keeps every plan and kind
+    # from counting towards one code object's recompile limit (8).
+    code = fn.__code__.replace()
+    return types.FunctionType(code, fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+
+
+class StepCompiler:
+    """Compiled step callables, keyed by what they specialise on.
+
+    compile: False runs the function eagerly (the same batched math, no tracing).
+    backend / mode: passed to torch.compile; mode only applies to Inductor. Inductor gets
+        emulate_precision_casts, so a 16-bit parameter is rounded exactly where the eager code rounds it.
+    """
+
+    def __init__(self, compile: bool, backend, mode: Optional[str]):
+        self.enabled = compile
+        self.backend = backend
+        self.mode = mode if backend == "inductor" else None
+        self.compile_seconds = 0.0
+        self._functions: dict = {}
+        self._calls: dict = {}
+
+    def reset(self) -> None:
+        """Forget every compiled callable (the plan changed: shapes or the number of buckets)."""
+        self._functions.clear()
+        self._calls.clear()
+
+    def _build(self, fn: Callable, static_kwargs: dict) -> Callable:
+        if not self.enabled:
+            return functools.partial(fn, **static_kwargs)
+        # Not torch.compile(partial): Dynamo runs every partial through one shared wrapper code object. The
+        # private copy is compiled itself and sees one value of the static arguments (a constant to Dynamo).
+        compiled = self._compile(_private_copy(fn))
+        return lambda *args: compiled(*args, **static_kwargs)
+
+    def _compile(self, fn: Callable) -> Callable:
+        if self.backend != "inductor":
+            return torch.compile(fn, fullgraph=True, dynamic=False, backend=self.backend)
+        options = {"emulate_precision_casts": True}
+        if self.mode == "reduce-overhead":
+            options["triton.cudagraphs"] = True
+        elif self.mode not in (None, "default"):
+            # torch.compile takes either a mode or options: other modes go without the precision option.
+            return torch.compile(fn, fullgraph=True, dynamic=False, mode=self.mode)
+        return torch.compile(fn, fullgraph=True, dynamic=False, backend="inductor", options=options)
+
+    def run(self, key: Hashable, name: str, fn: Callable, static_kwargs: dict, *args) -> None:
+        """Call the compiled `fn(*args, **static_kwargs)` for `key`, under an NVTX range `compile/name` while it
+        compiles or records and `graph/name` once it replays."""
+        if key not in self._functions:
+            self._functions[key] = self._build(fn, static_kwargs)
+            self._calls[key] = 0
+        setup_calls = 0 if not self.enabled else (2 if self.mode == "reduce-overhead" else 1)
+        compiled = self._functions[key]
+        if self._calls[key] < setup_calls:
+            start = time.perf_counter()
+            with nvtx_range(f"compile/{name}"):
+                compiled(*args)
+            self.compile_seconds += time.perf_counter() - start
+        else:
+            with nvtx_range(f"graph/{name}"):
+                compiled(*args)
+        self._calls[key] += 1

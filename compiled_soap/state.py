@@ -1,0 +1,237 @@
+"""The owner of CompiledSOAP's per-parameter state: stacked device tensors, their host mirror, and `optimizer.state`.
+
+Every initialised parameter's state lives in exactly one bucket (`planning`), stacked with the other members. The
+host mirrors what it needs to schedule without reading the device: each bucket's refresh clocks and periods (§8),
+which only change by rules the host applies itself.
+
+One build path: buckets are always (re)built from scratch out of per-parameter entries in the checkpoint layout
+(`checkpoint.py`), whether the entries come from a first call (`stacked.initial_entry`), a checkpoint, an edit of
+`optimizer.state`, a parameter whose dtype changed, or the current buckets themselves (a late parameter joining).
+The stacks have one canonical layout (contiguous; eigenbases column-major, see `column_major`), so a resumed run
+computes with the same layouts as an uninterrupted one.
+
+`optimizer.state[p]` holds live views of the stacks, in the reference's keys. A `StateTable` notes every assignment
+or deletion made through it, and the owner applies them before the next step: replacing a tensor copies it in,
+deleting or emptying an entry resets the parameter (its next gradient initialises it again).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+from .compilation import mark_static
+from .planning import BucketPlan, bucket_key, from_merged, make_plan, to_merged
+from .stacked import BucketTensors
+
+
+class ParamState(dict):
+    """One parameter's entry in `optimizer.state`; tells its table when it is changed."""
+
+    def __init__(self, table: "StateTable", key, *args):
+        super().__init__(*args)
+        self._table, self._key = table, key
+
+    def _edited(self):
+        self._table.edited.add(self._key)
+
+    def __setitem__(self, k, v):
+        super().__setitem__(k, v)
+        self._edited()
+
+    def __delitem__(self, k):
+        super().__delitem__(k)
+        self._edited()
+
+    def __reduce_ex__(self, protocol):  # a copy of an entry is a plain dict
+        return (dict, (dict(self),))
+
+    def _mutator(name):  # noqa: N805
+        def method(self, *args, **kwargs):
+            result = getattr(dict, name)(self, *args, **kwargs)
+            self._edited()
+            return result
+        return method
+
+    clear, pop, popitem, setdefault, update, __ior__ = map(_mutator, ("clear", "pop", "popitem", "setdefault",
+                                                                      "update", "__ior__"))
+    del _mutator
+
+
+class StateTable(defaultdict):
+    """`optimizer.state`: a defaultdict of `ParamState` that records which keys were assigned, deleted or edited."""
+
+    def __init__(self, *args):
+        super().__init__(None, *args)
+        self.edited: set = set()
+
+    def __missing__(self, key):
+        entry = ParamState(self, key)
+        dict.__setitem__(self, key, entry)
+        return entry
+
+    def __setitem__(self, key, value):
+        dict.__setitem__(self, key, ParamState(self, key, value))
+        self.edited.add(key)
+
+    def __delitem__(self, key):
+        dict.__delitem__(self, key)
+        self.edited.add(key)
+
+    def __reduce_ex__(self, protocol):
+        return (dict, (dict(self),))
+
+    def publish(self, key, entry: dict) -> None:
+        """Set an entry on behalf of the owner: not an edit."""
+        dict.__setitem__(self, key, ParamState(self, key, entry))
+
+    # Every other mutator goes through the two above, so no edit goes unnoticed.
+    def clear(self):
+        for key in list(self):
+            del self[key]
+
+    def pop(self, key, *default):
+        if key in self:
+            value = dict.__getitem__(self, key)
+            del self[key]
+            return value
+        if default:
+            return default[0]
+        raise KeyError(key)
+
+    def popitem(self):
+        key = next(reversed(self.keys()))
+        return key, self.pop(key)
+
+    def setdefault(self, key, default=None):
+        if key not in self:
+            self[key] = {} if default is None else default
+        return dict.__getitem__(self, key)
+
+    def update(self, *args, **kwargs):
+        for key, value in dict(*args, **kwargs).items():
+            self[key] = value
+
+
+class Bucket(NamedTuple):
+    plan: BucketPlan
+    tensors: BucketTensors
+    members: list  # parameter indices (param_groups order), one per stacked item
+    params: list  # the parameters themselves
+    param_slots: list  # tensors.params.unbind(0)
+    grad_slots: list  # tensors.grads.unbind(0)
+    host_clock: np.ndarray  # [B] int64, mirrors tensors.refresh_clock exactly
+    host_frequency: np.ndarray  # [B] int64
+    host_has_grad: np.ndarray  # [B] bool, what tensors.has_grad holds now
+
+
+def column_major(q):
+    """[B, d, d] with each matrix column-major: the layout eigh and QR produce, so the eigenbases of a fresh run, a
+    resumed run and the reference all enter the same matmul kernels (a different layout rounds differently, and
+    a rank-deficient factor's null-space directions are decided by that rounding: docs/spec.md trap 7)."""
+    return None if q is None else q.transpose(1, 2).contiguous().transpose(1, 2)
+
+
+def _vector(values, dtype, device) -> torch.Tensor:
+    """[B] tensor from Python numbers or 0-d tensors (views of older stacks: stacked on the device, no sync)."""
+    if all(isinstance(v, torch.Tensor) for v in values):
+        return torch.stack([v.to(device=device, dtype=dtype) for v in values])
+    return torch.tensor([float(v) if dtype.is_floating_point else int(v) for v in values], dtype=dtype, device=device)
+
+
+class StackedState:
+    """Buckets of stacked state for the parameters of one optimizer, and their host mirror."""
+
+    def __init__(self):
+        self.buckets: list[Bucket] = []
+        self.pre_init_skipped: dict = {}  # index -> skips of a parameter that was never initialised
+
+    def is_initialized(self) -> set:
+        return {i for b in self.buckets for i in b.members}
+
+    def entries(self, index_of=None) -> dict:
+        """Per initialised parameter index, its entry in the checkpoint layout, as views of the stacks."""
+        out = {}
+        for b in self.buckets:
+            t, layout = b.tensors, b.plan.layout
+            exp_avg, exp_avg_sq = from_merged(t.exp_avg, layout), from_merged(t.exp_avg_sq, layout)
+            for j, i in enumerate(b.members):
+                out[i] = {
+                    "step": t.step[j], "exp_avg": exp_avg[j], "exp_avg_sq": exp_avg_sq[j],
+                    "GG": [None if f is None else f[j] for f in t.factors],
+                    "Q": [None if q is None else q[j] for q in t.eigenbases],
+                    "precondition_frequency": int(b.host_frequency[j]), "shampoo_beta": t.shampoo_beta[j],
+                    "skipped": t.skipped[j], "refresh_clock": t.refresh_clock[j],
+                }
+        return out
+
+    def rebuild(self, entries: dict, params: list, groups: list, group_index: list) -> None:
+        """Form every bucket anew from `entries` ({parameter index: entry}), in parameter order."""
+        members: dict = defaultdict(list)
+        for i in sorted(entries):
+            e = entries[i]
+            key = bucket_key(params[i], groups[group_index[i]], int(e["precondition_frequency"]),
+                             int(e["refresh_clock"]))
+            members[key].append(i)
+        buckets = []
+        for key, idx in members.items():
+            buckets.append(self._stack(make_plan(key, len(idx)), idx, [entries[i] for i in idx], params,
+                                       group_index))
+        self.buckets = buckets
+        for i in entries:
+            self.pre_init_skipped.pop(i, None)
+
+    @staticmethod
+    def _stack(plan: BucketPlan, idx: list, es: list, params: list, group_index: list) -> Bucket:
+        layout, sdtype = plan.layout, plan.state_dtype
+        device = params[idx[0]].device
+        n = len(idx)
+
+        def stack(key):  # state tensors in the state dtype (converts when a parameter's dtype changed)
+            return to_merged(torch.stack([e[key].to(device=device, dtype=sdtype) for e in es]), layout).contiguous()
+
+        def mats(key):
+            out = tuple(None if es[0][key][a] is None else
+                        torch.stack([e[key][a].to(device=device, dtype=sdtype) for e in es]).contiguous()
+                        for a in range(len(layout.factor_sizes)))
+            return tuple(map(column_major, out)) if key == "Q" else out
+
+        frequency = np.array([int(e["precondition_frequency"]) for e in es], dtype=np.int64)
+        clock = np.array([int(e["refresh_clock"]) for e in es], dtype=np.int64)
+        tensors = BucketTensors(
+            params=torch.zeros((n, *layout.shape), dtype=plan.param_dtype, device=device),
+            grads=torch.zeros((n, *layout.shape), dtype=plan.param_dtype, device=device),
+            has_grad=torch.zeros(n, dtype=torch.bool, device=device),
+            exp_avg=stack("exp_avg"), exp_avg_sq=stack("exp_avg_sq"), factors=mats("GG"), eigenbases=mats("Q"),
+            step=_vector([e["step"] for e in es], torch.int64, device),
+            refresh_clock=torch.tensor(clock, device=device),  # a copy: the host mirror is separate
+            skipped=_vector([e["skipped"] for e in es], torch.int64, device),
+            frequency=torch.tensor(frequency, device=device),
+            shampoo_beta=_vector([e["shampoo_beta"] for e in es], torch.float64, device),
+            group=torch.tensor([group_index[i] for i in idx], dtype=torch.int64, device=device),
+        )
+        mark_static(torch.utils._pytree.tree_leaves(tensors))
+        return Bucket(plan, tensors, list(idx), [params[i] for i in idx], list(tensors.params.unbind(0)),
+                      list(tensors.grads.unbind(0)), clock, frequency, np.zeros(n, dtype=bool))
+
+    def publish(self, table: StateTable, params: list) -> None:
+        """Fill `table` (optimizer.state) with views of the stacks; parameters without state get no entry, or just
+        their skip count (like SOAP)."""
+        dict.clear(table)
+        table.edited.clear()
+        for i, e in self.entries().items():
+            table.publish(params[i], e)
+        for i, n in self.pre_init_skipped.items():
+            if n:
+                table.publish(params[i], {"skipped": n})
+
+    def skipped_steps(self, n_params: int, device) -> torch.Tensor:
+        out = torch.zeros(n_params, dtype=torch.int64, device=device)
+        for i, n in self.pre_init_skipped.items():
+            out[i] = n
+        for b in self.buckets:
+            out.index_copy_(0, torch.tensor(b.members, device=device), b.tensors.skipped)
+        return out

@@ -264,6 +264,7 @@ class CompiledSOAP(torch.optim.Optimizer):
             beta = g["shampoo_beta"] if g["shampoo_beta"] >= 0 else g["betas"][1]
             entries[i] = stacked.initial_entry(p.grad, layout_of(p.shape, g), state_dtype(p.dtype), float(beta),
                                                int(g["precondition_frequency"]))
+            entries[i]["skipped"] = self._owner.pre_init_skipped.get(i, 0)  # skips before the first step count too
         if entries:
             self._rebuild({**self._owner.entries(), **entries})
         else:

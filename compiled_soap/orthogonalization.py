@@ -11,8 +11,13 @@ early in training (F Q with F PSD and singular, or an all-zero factor):
   2. two shifted passes; the pivots of the second (on an already well conditioned Q) tell the columns that carry no
      new direction (numerically dependent on the columns before them). Those are replaced by columns of W: any
      orthonormal completion is a valid Gram-Schmidt result there, and the kept columns keep their nested spans;
-  3. more shifted passes orthonormalise the fill columns against the kept ones (a random completion has a
-     condition number of order d), and a final unshifted pass brings orthogonality to rounding level.
+  3. more shifted passes, then a final unshifted one that brings orthogonality to rounding level. They have two
+     jobs: orthonormalise the fill columns against the kept ones (a random completion has a condition number of
+     order d), and lift the directions that are numerically singular without any pivot showing it (a spread
+     spectrum shared by all columns, cond >> 1/u): pass 1 leaves those at rounding level and each shifted pass
+     multiplies them by only about 1/sqrt(s). The count is fixed by d and dtype (see _fill_passes): 6 passes in
+     fp32 up to d = 768, 7 above, 5 in fp64. Plain shifted CholeskyQR3 (3 passes) left |Q^T Q - I| = 2e-3 on
+     SOAP-like fp32 factors at d = 768 (profiling/bench_orthogonalization.py inputs).
 Every Cholesky that fails (info > 0) is retried with a larger shift, then replaced by a diagonal: never NaN.
 The shift is c·u·d for unit columns, about the size of the rounding error of the computed Gram matrix; the paper's
 11(mn + n(n+1))u is a worst-case bound that, in fp32 at d >= 256, is as large as the matrix itself.
@@ -59,7 +64,7 @@ def cholesky(x: Tensor) -> Tensor:
     # is rounding noise pointing back into the span of the earlier columns.
     lost = (pivots < math.sqrt(s)).unsqueeze(-2)
     q = torch.where(lost, fill, q)
-    for _ in range(_fill_passes(d, s)):
+    for _ in range(_fill_passes(d, s, torch.finfo(x.dtype).eps / 2)):
         q, _ = _cholqr_pass(q, s, RETRY * s)
     q, _ = _cholqr_pass(q, 0.0, s)
     return q
@@ -82,7 +87,7 @@ def flops(method: str, d: int, dtype: torch.dtype = torch.float32) -> float:
     if method == "householder":
         return 8 * d**3 / 3  # geqrf 4/3 d^3 + orgqr (forming Q) 4/3 d^3
     if method == "cholesky":
-        passes = 3 + _fill_passes(d, _shift(d, dtype))
+        passes = 3 + _fill_passes(d, _shift(d, dtype), torch.finfo(dtype).eps / 2)
         # per pass: Gram 2d^3 (a full matmul), two Cholesky attempts d^3/3 each, triangular solve d^3
         return passes * (2 + 2 / 3 + 1) * d**3
     raise ValueError(f"unknown orthogonalization {method!r}; choose from {sorted(ORTHOGONALIZATIONS)}")
@@ -150,11 +155,20 @@ def _shift(d: int, dtype: torch.dtype) -> float:
     return SHIFT * (torch.finfo(dtype).eps / 2) * d
 
 
-def _fill_passes(d: int, s: float) -> int:
-    """Shifted passes (at least 1) lifting a singular value 1/(FILL_COND·d) to 1/2; one maps sigma to
-    sigma/sqrt(sigma^2 + s). At least one: after the detection pass the kept columns are only O(s) orthonormal."""
-    sigma, n = 1 / (FILL_COND * d), 0
-    while n < 1 or (sigma < 0.5 and n < 6):
+def _fill_passes(d: int, s: float, u: float) -> int:
+    """Shifted passes after the detection pass; each maps a singular value sigma to sigma/sqrt(sigma^2 + s).
+
+    Two needs, the larger wins: (1) fill columns: [kept | fill] has sigma_min down to about 1/(FILL_COND·d);
+    (2) numerically singular inputs that no pivot flags (graded spectra, cond >> 1/u): pass 1 leaves their smallest
+    singular value at rounding level, measured about u/3 (fp32, d = 768, SOAP-like F Q), and pass 2 lifts it once.
+    Enough passes to reach 1/4 (cond <= 4), where the final unshifted pass is accurate to rounding.
+    """
+    return max(1, _lifts(1 / (FILL_COND * d), s), _lifts(u / 4, s) - 1)
+
+
+def _lifts(sigma: float, s: float, target: float = 0.25) -> int:
+    n = 0
+    while sigma < target:
         sigma, n = sigma / math.sqrt(sigma * sigma + s), n + 1
     return n
 

@@ -19,7 +19,8 @@ from compiled_soap.orthogonalization import cholesky, householder
 
 ORTH_TOL = {torch.float32: 1e-5, torch.float64: 1e-12}
 ANGLE_TOL = {torch.float32: 1e-4, torch.float64: 1e-10}
-KINDS = ["randn", "cond1e4", "cond1e8", "cond1e12", "rank1", "rank_half", "zero", "soap", "soap_rank1", "dup"]
+KINDS = ["randn", "cond1e4", "cond1e8", "cond1e12", "rank1", "rank_half", "zero", "soap", "soap_rank1", "soap_graded",
+         "soap_wide", "dup"]
 
 
 def random_orthogonal(b: int, d: int, g: torch.Generator) -> torch.Tensor:
@@ -58,10 +59,31 @@ def make(kind: str, d: int, g: torch.Generator) -> torch.Tensor:
         return soap_input(d, max(1, d // 4), g)
     if kind == "soap_rank1":
         return soap_input(d, 1, g)
+    if kind == "soap_graded":  # F's spectrum spans 1e-12, old basis 1e-3 off its eigenvectors: cond(X) >> 1/u
+        u = random_orthogonal(1, d, g)[0]
+        f = (u * torch.logspace(0, -12, d, dtype=torch.float64)) @ u.T
+        q = u @ torch.linalg.matrix_exp(1e-3 * skew(d, g))
+        p = f @ q
+        return p[:, torch.argsort((q * p).sum(0), descending=True)]
+    if kind == "soap_wide":  # like a trained factor: F = (G G^T)^2, G = rank 16 + 30% noise, basis from an older F
+        f_old, f = wide_factor(d, g), wide_factor(d, g)
+        q = torch.linalg.eigh(f_old + f)[1]
+        p = f @ q
+        return p[:, torch.argsort((q * p).sum(0), descending=True)]
     if kind == "dup":  # every column the same vector up to sign and scale
         v = torch.randn(d, 1, generator=g, dtype=torch.float64)
         return v * torch.randn(1, d, generator=g, dtype=torch.float64)
     raise ValueError(kind)
+
+
+def wide_factor(d: int, g: torch.Generator) -> torch.Tensor:
+    """(G G^T)^2: a spread spectrum whose smallest singular directions are shared by all columns of F Q, so no
+    Gram-Schmidt pivot shows them (cond of F Q with unit columns about 1e10 at d = 256; needs every pass)."""
+    a = torch.randn(d, 16, generator=g, dtype=torch.float64) / torch.arange(1, 17, dtype=torch.float64)
+    grad = a @ torch.randn(16, d, generator=g, dtype=torch.float64) + 0.3 * torch.randn(d, d, generator=g,
+                                                                                       dtype=torch.float64)
+    f = grad @ grad.T
+    return f @ f
 
 
 def orthogonality_error(q: torch.Tensor) -> float:

@@ -13,6 +13,7 @@ import types
 from typing import Callable, Hashable, Optional
 
 import torch
+import torch._inductor.config
 
 from .nvtx_ranges import nvtx_range
 
@@ -67,6 +68,10 @@ class StepCompiler:
         options = {"emulate_precision_casts": True}
         if self.mode == "reduce-overhead":
             options["triton.cudagraphs"] = True
+            if hasattr(torch._inductor.config, "graph_partition"):
+                # An op tagged cudagraph_unsafe (orthogonalization="householder-outside-graph") splits the graph
+                # into replays around it instead of turning cudagraphs off for the whole step.
+                options["graph_partition"] = True
         elif self.mode not in (None, "default"):
             # torch.compile takes either a mode or options: other modes go without the precision option.
             return torch.compile(fn, fullgraph=True, dynamic=False, mode=self.mode)

@@ -32,7 +32,8 @@ from typing import Callable, Iterator
 import torch
 from torch import Tensor
 
-__all__ = ["householder", "cholesky", "ORTHOGONALIZATIONS", "orthogonalize", "flops", "full_precision_matmul"]
+__all__ = ["householder", "cholesky", "householder_outside_graph", "ORTHOGONALIZATIONS", "orthogonalize", "flops",
+           "full_precision_matmul"]
 
 SHIFT = 4.0  # s = SHIFT·u·d: measured, 2 already fails on rank-1 inputs at d = 768 in fp32 (CPU)
 RETRY = 64.0  # a failed factorisation is retried once with RETRY·s
@@ -70,7 +71,23 @@ def cholesky(x: Tensor) -> Tensor:
     return q
 
 
-ORTHOGONALIZATIONS: dict[str, Callable[[Tensor], Tensor]] = {"householder": householder, "cholesky": cholesky}
+@torch.library.custom_op("compiled_soap::householder_outside_graph", mutates_args=(),
+                          tags=(torch.Tag.cudagraph_unsafe,))
+def householder_outside_graph(x: Tensor) -> Tensor:
+    """`householder` as an opaque op that Inductor keeps out of CUDA graphs (tag cudagraph_unsafe): with graph
+    partitioning the refresh becomes graph replays around an eager QR. For a GPU/driver whose cuSOLVER QR cannot
+    be captured; the result is bitwise `householder`'s."""
+    return torch.linalg.qr(x)[0].clone(memory_format=torch.preserve_format)
+
+
+@householder_outside_graph.register_fake
+def _(x: Tensor) -> Tensor:
+    # linalg.qr returns column-major matrices; the fake must say so, or the graph would plan the wrong strides.
+    return x.new_empty(x.shape).transpose(-2, -1).contiguous().transpose(-2, -1)
+
+
+ORTHOGONALIZATIONS: dict[str, Callable[[Tensor], Tensor]] = {
+    "householder": householder, "cholesky": cholesky, "householder-outside-graph": householder_outside_graph}
 
 
 def orthogonalize(x: Tensor, method: str) -> Tensor:
@@ -82,7 +99,7 @@ def orthogonalize(x: Tensor, method: str) -> Tensor:
 
 def flops(method: str, d: int, dtype: torch.dtype = torch.float32) -> float:
     """Floating-point operations for one d x d matrix, counted as implemented (2 per multiply-add)."""
-    if method == "householder":
+    if method in ("householder", "householder-outside-graph"):
         return 8 * d**3 / 3  # geqrf 4/3 d^3 + orgqr (forming Q) 4/3 d^3
     if method == "cholesky":
         passes = 3 + _fill_passes(d, _shift(d, dtype), torch.finfo(dtype).eps / 2)

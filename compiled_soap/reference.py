@@ -61,6 +61,9 @@ class SOAP(torch.optim.Optimizer):
         normalize_grads: rescale each update to unit RMS.
         data_format: "channels_last" permutes 4-D NHWC tensors to NCHW before merging (only with merge_dims).
         correct_bias: fold Adam's bias correction into the step size.
+        orthogonalization: "householder" (the paper's QR) or "cholesky": the Q whose R has a positive diagonal,
+            which is what CholeskyQR computes (`compiled_soap.orthogonalization.cholesky`). Column signs are all
+            that differ, and SOAP's update does not see them (M is rotated with Q, V is sign-invariant).
 
     Structural options (merge_dims, max_precond_dim, precondition_1d, data_format) must not change after a
     parameter's first step.
@@ -81,15 +84,24 @@ class SOAP(torch.optim.Optimizer):
         normalize_grads: bool = False,
         data_format: str = "channels_first",
         correct_bias: bool = True,
+        *,
+        orthogonalization: str = "householder",
     ):
         defaults = checked_defaults(locals())
+        if orthogonalization not in ("householder", "cholesky"):
+            raise ValueError(f"Invalid orthogonalization: {orthogonalization!r} (one of 'cholesky', 'householder')")
+        self.orthogonalization = orthogonalization
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict) -> None:
         validate_param_group(param_group, self.defaults)
         super().add_param_group(param_group)
 
+    def __getstate__(self) -> dict:
+        return {**super().__getstate__(), "orthogonalization": self.orthogonalization}
+
     def __setstate__(self, state: dict) -> None:
+        state = {"orthogonalization": "householder", **state}
         had_differentiable = "differentiable" in state.get("defaults", {})
         super().__setstate__(state)
         if not had_differentiable:  # torch.optim adds it; it is no hyperparameter of SOAP's
@@ -347,7 +359,9 @@ class SOAP(torch.optim.Optimizer):
             # Trap 4: V is permuted, never rotated.
             exp_avg_sq = exp_avg_sq.index_select(axis, order)
             q = q[:, order]
-            q, _ = torch.linalg.qr(f @ q)
+            q, r = torch.linalg.qr(f @ q)
+            if self.orthogonalization == "cholesky":  # the Gram-Schmidt signs: R with a positive diagonal
+                q = q * torch.where(r.diagonal() < 0, -1.0, 1.0).to(q.dtype)
             bases.append(q)
         if group["merge_dims"]:
             exp_avg_sq = self._unmerge(exp_avg_sq, original_shape, group)

@@ -12,6 +12,7 @@ State is owned by `state.StackedState`.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from typing import Callable, NamedTuple, Optional
 
@@ -139,11 +140,9 @@ class CompiledSOAP(torch.optim.Optimizer):
                 if self.state.edited:
                     self._apply_state_edits()
                 self._write_hyperparameters()
-                masks, copies, new = self._intake()
+                has_grad, copies, new = self._intake()
             kind = None
             if copies[0]:
-                refreshing = self._write_masks(masks)
-                kind = "refresh" if any(refreshing) else "plain"
                 try:
                     torch._foreach_copy_(copies[0], copies[1])
                 except RuntimeError:
@@ -151,7 +150,11 @@ class CompiledSOAP(torch.optim.Optimizer):
                         validate_grad(p)
                     raise
                 torch._foreach_copy_(copies[2], copies[3])
-                with full_precision_matmul():
+                refreshing = self._schedule(has_grad)
+                kind = "refresh" if any(refreshing) else "plain"
+                # The orthogonalisation runs its fp32 matmuls at full precision whatever the user set (CholeskyQR
+                # breaks down under TF32); plain steps keep the user's setting, like the reference.
+                with full_precision_matmul() if kind == "refresh" else contextlib.nullcontext():
                     self._compiler.run((self._plans, refreshing), kind, stacked.step,
                                        {"refreshing": refreshing, "method": self._options["orthogonalization"]},
                                        self._plans, tuple(b.tensors for b in self._owner.buckets), self._hyper)
@@ -164,7 +167,7 @@ class CompiledSOAP(torch.optim.Optimizer):
 
     def _intake(self):
         """Which parameters have a gradient, and the copies that bring them into the static buffers:
-        (per-bucket masks, (grad slots, grads, param slots, params), new parameter indices).
+        (has_grad over the bucketed parameters, (grad slots, grads, param slots, params), new parameter indices).
 
         The hot path of every step: a few list comprehensions over the parameters (about three attribute reads
         each); everything per bucket or per parameter that does not change between steps was built by
@@ -179,11 +182,10 @@ class CompiledSOAP(torch.optim.Optimizer):
             return self._intake()
         missing = [g is None for g in grads]
         if not any(missing):
-            masks, copies = r.all_true, (r.grad_slots, grads, r.param_slots, params)
+            has_grad, copies = r.all_true, (r.grad_slots, grads, r.param_slots, params)
         else:
-            has = ~np.array(missing, dtype=bool)
-            masks = [has[a:b] for a, b in r.bounds]
-            keep = np.flatnonzero(has).tolist()
+            has_grad = ~np.array(missing, dtype=bool)
+            keep = np.flatnonzero(has_grad).tolist()
             copies = tuple([x[k] for k in keep] for x in (r.grad_slots, grads, r.param_slots, params))
         new = []
         for i in self._uninitialized:
@@ -191,7 +193,7 @@ class CompiledSOAP(torch.optim.Optimizer):
             if p.grad is not None:
                 validate_grad(p)
                 new.append(i)
-        return masks, copies, new
+        return has_grad, copies, new
 
     def _storage_changed(self) -> None:
         """Some parameter is not what its bucket was planned for. A new shape raises; a new dtype re-plans the
@@ -210,18 +212,21 @@ class CompiledSOAP(torch.optim.Optimizer):
                                   f"{state_dtype(p.dtype)}")
         self._rebuild(self._owner.entries())
 
-    def _write_masks(self, masks: list) -> tuple:
-        """Upload which items have a gradient (only where it changed); return, per bucket, whether any of its
-        items is due for a refresh at this call (§8: its clock after this call is a multiple of its period)."""
-        refreshing = []
-        for b, mask in zip(self._owner.buckets, masks):
-            if not np.array_equal(mask, b.host_has_grad):
-                _copy_from_host(b.tensors.has_grad, torch.from_numpy(mask))
-                b.host_has_grad[:] = mask
-            clock = b.host_clock + mask
-            refreshing.append(bool(np.any(mask & (clock % b.host_frequency == 0))))
-            b.host_clock[:] = clock
-        return tuple(refreshing)
+    def _schedule(self, has_grad: np.ndarray) -> tuple:
+        """Advance the host clocks by this call's gradients (§8: exactly what the graph does to the device clocks),
+        upload which items have a gradient where that changed, and return, per bucket, whether any of its items
+        is due for a refresh at this call. `has_grad` is over the bucketed parameters, in bucket order."""
+        o = self._owner
+        if not np.array_equal(has_grad, o.host_has_grad):
+            for b, (start, end) in zip(o.buckets, self._routes.bounds):
+                if not np.array_equal(has_grad[start:end], b.host_has_grad):
+                    _copy_from_host(b.tensors.has_grad, torch.from_numpy(has_grad[start:end].copy()))
+            o.host_has_grad[:] = has_grad
+        np.add(o.host_clock, has_grad, out=o.host_clock)
+        due = has_grad & (o.host_clock % o.host_frequency == 0)
+        if not due.any():
+            return (False,) * len(o.buckets)
+        return tuple(bool(x) for x in np.logical_or.reduceat(due, o.bucket_starts))
 
     def _write_hyperparameters(self) -> None:
         """Validate a group whose values changed and rewrite the device table (one copy), only then. A tensor lr
@@ -353,7 +358,7 @@ class _Routes(NamedTuple):
     grad_slots: list
     param_slots: list
     bounds: list  # per bucket, (start, end) in `params`
-    all_true: list  # per bucket, an all-True mask
+    all_true: np.ndarray  # all True, one per bucketed parameter
 
     @staticmethod
     def of(buckets) -> "_Routes":
@@ -362,7 +367,7 @@ class _Routes(NamedTuple):
         return _Routes(params, [b.plan.param_dtype for b in buckets for _ in b.params],
                        [torch.Size(b.plan.layout.shape) for b in buckets for _ in b.params],
                        [s for b in buckets for s in b.grad_slots], [s for b in buckets for s in b.param_slots],
-                       list(zip([0] + ends[:-1], ends)), [np.ones(len(b.params), dtype=bool) for b in buckets])
+                       list(zip([0] + ends[:-1], ends)), np.ones(len(params), dtype=bool))
 
 
 def _factor_sizes(p: torch.Tensor, group: dict) -> list:

@@ -123,9 +123,9 @@ class Bucket(NamedTuple):
     params: list  # the parameters themselves
     param_slots: list  # tensors.params.unbind(0)
     grad_slots: list  # tensors.grads.unbind(0)
-    host_clock: np.ndarray  # [B] int64, mirrors tensors.refresh_clock exactly
-    host_frequency: np.ndarray  # [B] int64
-    host_has_grad: np.ndarray  # [B] bool, what tensors.has_grad holds now
+    host_clock: np.ndarray  # [B] int64, mirrors tensors.refresh_clock exactly (a view of StackedState.host_clock)
+    host_frequency: np.ndarray  # [B] int64 (a view of StackedState.host_frequency)
+    host_has_grad: np.ndarray  # [B] bool, what tensors.has_grad holds now (a view of StackedState.host_has_grad)
 
 
 def column_major(q):
@@ -148,6 +148,22 @@ class StackedState:
     def __init__(self):
         self.buckets: list[Bucket] = []
         self.pre_init_skipped: dict = {}  # index -> skips of a parameter that was never initialised
+        self._mirror([])
+
+    def _mirror(self, buckets: list) -> list:
+        """One host array per mirrored quantity over all buckets (bucket order), each bucket holding views: the
+        per-step schedule is then a handful of array operations whatever the number of buckets."""
+        def joined(field, dtype):
+            return np.concatenate([getattr(b, field) for b in buckets]) if buckets else np.zeros(0, dtype=dtype)
+
+        self.host_clock = joined("host_clock", np.int64)
+        self.host_frequency = joined("host_frequency", np.int64)
+        self.host_has_grad = joined("host_has_grad", bool)
+        ends = np.cumsum([len(b.members) for b in buckets], dtype=np.int64)
+        self.bucket_starts = ends - np.array([len(b.members) for b in buckets], dtype=np.int64)
+        return [b._replace(host_clock=self.host_clock[a:e], host_frequency=self.host_frequency[a:e],
+                           host_has_grad=self.host_has_grad[a:e]) for b, a, e in zip(buckets, self.bucket_starts,
+                                                                                      ends)]
 
     def is_initialized(self) -> set:
         return {i for b in self.buckets for i in b.members}
@@ -180,7 +196,7 @@ class StackedState:
         for key, idx in members.items():
             buckets.append(self._stack(make_plan(key, len(idx)), idx, [entries[i] for i in idx], params,
                                        group_index))
-        self.buckets = buckets
+        self.buckets = self._mirror(buckets)
         for i in entries:
             self.pre_init_skipped.pop(i, None)
 

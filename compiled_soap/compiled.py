@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from typing import Callable, NamedTuple, Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -22,17 +22,15 @@ import torch
 from . import stacked
 from .checkpoint import FORMAT_VERSION, check_and_convert, load_state_dict_with_hooks, saved_entry, \
     state_dict_with_hooks
-from .compilation import StepCompiler, mark_static
-from .hyperparameters import checked_defaults, validate_hyperparameters, validate_param_group
+from .compilation import StepCompiler
+from .hyper_table import HyperTable, copy_from_host
+from .hyperparameters import checked_defaults, validate_param_group
 from .nvtx_ranges import nvtx_range
 from .orthogonalization import ORTHOGONALIZATIONS, full_precision_matmul
 from .planning import layout_of
 from .state import StackedState, StateTable
 from .validation import state_dtype, validate_grad
 
-_HYPER_FIELDS = stacked.Hyper._fields
-_WATCHED = ("lr", "betas", "eps", "weight_decay", "correct_bias", "normalize_grads", "shampoo_beta",
-            "precondition_frequency", "max_precond_dim", "merge_dims", "precondition_1d", "data_format")
 
 
 class CompiledSOAP(torch.optim.Optimizer):
@@ -84,7 +82,7 @@ class CompiledSOAP(torch.optim.Optimizer):
         self._owner = StackedState()
         self._compiler = StepCompiler(compile, backend, mode)
         self._params: list = []
-        self._hyper: Optional[stacked.Hyper] = None
+        self._hyper: Optional[HyperTable] = None
         self.last_step_kind: Optional[str] = None
         super().__init__(params, defaults)
         self.state = StateTable()
@@ -116,7 +114,6 @@ class CompiledSOAP(torch.optim.Optimizer):
         initialized = self._owner.is_initialized()
         self._uninitialized = [i for i in range(len(self._params)) if i not in initialized]
         self._plans = tuple(b.plan for b in buckets)
-        self._routes = _Routes.of(buckets)
 
     def _rebuild(self, entries: dict) -> None:
         """Every bucket anew from per-parameter entries (the one build path), then `state` re-published."""
@@ -139,7 +136,10 @@ class CompiledSOAP(torch.optim.Optimizer):
             with nvtx_range("prepare"):
                 if self.state.edited:
                     self._apply_state_edits()
-                self._write_hyperparameters()
+                if self._hyper is None:
+                    device = self._params[0].device if self._params else torch.device("cpu")
+                    self._hyper = HyperTable(self.param_groups, self.defaults, device)
+                self._hyper.update(self.param_groups)
                 has_grad, copies, new = self._intake()
             kind = None
             if copies[0]:
@@ -157,7 +157,7 @@ class CompiledSOAP(torch.optim.Optimizer):
                 with full_precision_matmul() if kind == "refresh" else contextlib.nullcontext():
                     self._compiler.run((self._plans, refreshing), kind, stacked.step,
                                        {"refreshing": refreshing, "method": self._options["orthogonalization"]},
-                                       self._plans, tuple(b.tensors for b in self._owner.buckets), self._hyper)
+                                       self._plans, tuple(b.tensors for b in self._owner.buckets), self._hyper.hyper)
                 torch._foreach_copy_(copies[3], copies[2])
             if new:
                 with nvtx_range("initialize"):
@@ -172,7 +172,7 @@ class CompiledSOAP(torch.optim.Optimizer):
         The hot path of every step: a few list comprehensions over the parameters (about three attribute reads
         each); everything per bucket or per parameter that does not change between steps was built by
         `_plan_changed`."""
-        r = self._routes
+        r = self._owner.routes
         params = r.params
         grads = [p.grad for p in params]
         # Storage changes: a new dtype or shape (a new address or memory format needs nothing: parameters are
@@ -218,43 +218,15 @@ class CompiledSOAP(torch.optim.Optimizer):
         is due for a refresh at this call. `has_grad` is over the bucketed parameters, in bucket order."""
         o = self._owner
         if not np.array_equal(has_grad, o.host_has_grad):
-            for b, (start, end) in zip(o.buckets, self._routes.bounds):
+            for b, (start, end) in zip(o.buckets, o.routes.bounds):
                 if not np.array_equal(has_grad[start:end], b.host_has_grad):
-                    _copy_from_host(b.tensors.has_grad, torch.from_numpy(has_grad[start:end].copy()))
+                    copy_from_host(b.tensors.has_grad, torch.from_numpy(has_grad[start:end].copy()))
             o.host_has_grad[:] = has_grad
         np.add(o.host_clock, has_grad, out=o.host_clock)
         due = has_grad & (o.host_clock % o.host_frequency == 0)
         if not due.any():
             return (False,) * len(o.buckets)
         return tuple(bool(x) for x in np.logical_or.reduceat(due, o.bucket_starts))
-
-    def _write_hyperparameters(self) -> None:
-        """Validate a group whose values changed and rewrite the device table (one copy), only then. A tensor lr
-        is copied device-to-device at every step (reading it would sync)."""
-        groups = self.param_groups
-        if self._hyper is None:
-            device = self._params[0].device if self._params else torch.device("cpu")
-            self._hyper_table = torch.zeros(len(_HYPER_FIELDS), len(groups), dtype=torch.float64, device=device)
-            mark_static([self._hyper_table])
-            self._hyper = stacked.Hyper(*self._hyper_table.unbind(0))
-            self._hyper_seen = [None] * len(groups)
-        changed = False
-        for gi, g in enumerate(groups):
-            seen = tuple(id(g[k]) if isinstance(g[k], torch.Tensor) else g[k] for k in _WATCHED)
-            if seen != self._hyper_seen[gi]:
-                validate_hyperparameters({**self.defaults, **{k: v for k, v in g.items() if k != "params"}})
-                self._hyper_seen[gi] = seen
-                changed = True
-        if changed:
-            rows = []
-            for g in groups:
-                lr = 0.0 if isinstance(g["lr"], torch.Tensor) else float(g["lr"])
-                rows.append((lr, float(g["betas"][0]), float(g["betas"][1]), float(g["eps"]),
-                             float(g["weight_decay"]), float(g["correct_bias"]), float(g["normalize_grads"])))
-            _copy_from_host(self._hyper_table, torch.tensor(rows, dtype=torch.float64).T.contiguous())
-        for gi, g in enumerate(groups):
-            if isinstance(g["lr"], torch.Tensor):
-                self._hyper.lr[gi].copy_(g["lr"].reshape(()), non_blocking=True)
 
     # ------------------------------------------------------------------ first calls and state edits
 
@@ -290,17 +262,11 @@ class CompiledSOAP(torch.optim.Optimizer):
                 continue
             entries.pop(i, None)  # reset: the next gradient initialises it again
             self._owner.pre_init_skipped[i] = int(entry.get("skipped", 0)) if entry else 0
-        if replaced:
-            groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": list(range(len(g["params"])))}
-                      for g in self.param_groups]
-            offsets = np.cumsum([0] + [len(g["params"]) for g in self.param_groups])
-            # check_and_convert addresses parameters by (group, position) ids: make them global indices.
-            for g, start in zip(groups, offsets):
-                g["params"] = [start + k for k in g["params"]]
+        if replaced:  # checked and converted exactly as a checkpoint of these entries would be
             _, converted = check_and_convert(self, {"state": {i: saved_entry(_host_entry(e)) for i, e in
                                                               replaced.items()},
-                                                    "param_groups": groups, "format_version": FORMAT_VERSION},
-                                             _factor_sizes)
+                                                    "param_groups": self._packed_groups(),
+                                                    "format_version": FORMAT_VERSION}, _factor_sizes)
             entries.update({self._index_of[p]: e for p, e in converted.items()})
         self._rebuild(entries)
 
@@ -315,13 +281,15 @@ class CompiledSOAP(torch.optim.Optimizer):
     def _state_dict(self) -> dict:
         if self.state.edited:
             self._apply_state_edits()
-        groups = []
-        for g, start in zip(self.param_groups, np.cumsum([0] + [len(g["params"]) for g in self.param_groups])):
-            groups.append({**{k: v for k, v in g.items() if k != "params"},
-                           "params": list(range(int(start), int(start) + len(g["params"])))})
         state = {i: saved_entry(_host_entry(e)) for i, e in self._owner.entries().items()}
         state.update({i: {"skipped": n} for i, n in self._owner.pre_init_skipped.items() if n})
-        return {"state": dict(sorted(state.items())), "param_groups": groups, "format_version": FORMAT_VERSION}
+        return {"state": dict(sorted(state.items())), "param_groups": self._packed_groups(),
+                "format_version": FORMAT_VERSION}
+
+    def _packed_groups(self) -> list:
+        """param_groups as a checkpoint stores them: parameters as their index over all groups."""
+        return [{**{k: v for k, v in g.items() if k != "params"}, "params": [self._index_of[p] for p in g["params"]]}
+                for g in self.param_groups]
 
     def state_dict(self) -> dict:
         return state_dict_with_hooks(self, self._state_dict)
@@ -349,27 +317,6 @@ class CompiledSOAP(torch.optim.Optimizer):
         self._load_state_dict(state["state_dict"])
 
 
-class _Routes(NamedTuple):
-    """The bucketed parameters in bucket order, with what the hot path compares and copies (built per plan)."""
-
-    params: list
-    dtypes: list
-    shapes: list
-    grad_slots: list
-    param_slots: list
-    bounds: list  # per bucket, (start, end) in `params`
-    all_true: np.ndarray  # all True, one per bucketed parameter
-
-    @staticmethod
-    def of(buckets) -> "_Routes":
-        params = [p for b in buckets for p in b.params]
-        ends = np.cumsum([len(b.params) for b in buckets]).tolist()
-        return _Routes(params, [b.plan.param_dtype for b in buckets for _ in b.params],
-                       [torch.Size(b.plan.layout.shape) for b in buckets for _ in b.params],
-                       [s for b in buckets for s in b.grad_slots], [s for b in buckets for s in b.param_slots],
-                       list(zip([0] + ends[:-1], ends)), np.ones(len(params), dtype=bool))
-
-
 def _factor_sizes(p: torch.Tensor, group: dict) -> list:
     return list(layout_of(p.shape, group).factor_sizes)
 
@@ -382,12 +329,3 @@ def _host_entry(entry: dict) -> dict:
         if isinstance(out.get(key), torch.Tensor):
             out[key] = cast(out[key])
     return out
-
-
-def _copy_from_host(dst: torch.Tensor, src: torch.Tensor) -> None:
-    """Host -> device without blocking the host: through pinned memory, which the caching host allocator keeps
-    alive until the copy has run."""
-    if dst.is_cuda:
-        dst.copy_(src.pin_memory(), non_blocking=True)
-    else:
-        dst.copy_(src)

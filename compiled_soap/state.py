@@ -128,6 +128,27 @@ class Bucket(NamedTuple):
     host_has_grad: np.ndarray  # [B] bool, what tensors.has_grad holds now (a view of StackedState.host_has_grad)
 
 
+class Routes(NamedTuple):
+    """The bucketed parameters in bucket order, with what the hot path compares and copies (built per plan)."""
+
+    params: list
+    dtypes: list
+    shapes: list
+    grad_slots: list
+    param_slots: list
+    bounds: list  # per bucket, (start, end) in `params`
+    all_true: np.ndarray  # all True, one per bucketed parameter
+
+    @staticmethod
+    def of(buckets) -> "Routes":
+        params = [p for b in buckets for p in b.params]
+        ends = np.cumsum([len(b.params) for b in buckets]).tolist()
+        return Routes(params, [b.plan.param_dtype for b in buckets for _ in b.params],
+                       [torch.Size(b.plan.layout.shape) for b in buckets for _ in b.params],
+                       [s for b in buckets for s in b.grad_slots], [s for b in buckets for s in b.param_slots],
+                       list(zip([0] + ends[:-1], ends)), np.ones(len(params), dtype=bool))
+
+
 def column_major(q):
     """[B, d, d] with each matrix column-major: the layout eigh and QR produce, so the eigenbases of a fresh run, a
     resumed run and the reference all enter the same matmul kernels (a different layout rounds differently, and
@@ -161,6 +182,7 @@ class StackedState:
         self.host_has_grad = joined("host_has_grad", bool)
         ends = np.cumsum([len(b.members) for b in buckets], dtype=np.int64)
         self.bucket_starts = ends - np.array([len(b.members) for b in buckets], dtype=np.int64)
+        self.routes = Routes.of(buckets)
         return [b._replace(host_clock=self.host_clock[a:e], host_frequency=self.host_frequency[a:e],
                            host_has_grad=self.host_has_grad[a:e]) for b, a, e in zip(buckets, self.bucket_starts,
                                                                                       ends)]

@@ -1,6 +1,6 @@
 """Benchmark AdamW, the reference SOAP and CompiledSOAP (eager and compiled) on GPT-style parameter lists.
 
-    python profiling/bench.py --preset gpt2-small --device cuda --json runs/gpt2-small.json
+    python -m profiling.bench --preset gpt2-small --device cuda --json runs/gpt2-small.json
 
 One row per optimizer in a JSON file ({"env", "config", "rows"}), a table on stdout (speedups over soap-reference)
 and a bar chart next to the JSON. What each field means: profiling/README.md. Only optimizer.step() is timed; the
@@ -21,17 +21,16 @@ import sys
 import time
 import traceback
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # sibling modules, also under `python -m`
+import numpy as np
+import torch
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+from compiled_soap.hyperparameters import DEFAULTS as SOAP_DEFAULTS
 
-import flop_model as flops  # noqa: E402
-import bench_report as report  # noqa: E402
-from presets import PRESETS, make_grads  # noqa: E402
-from bench_runner import FLOP_VARIANT, OPTIMIZERS, Runner, Unavailable, sync  # noqa: E402
-
-from compiled_soap.hyperparameters import DEFAULTS as SOAP_DEFAULTS  # noqa: E402
+from . import bench_report as report
+from . import flop_model as flops
+from .bench_runner import (FLOP_VARIANT, OPTIMIZERS, ORTHOGONALIZATIONS, Runner, Unavailable,
+                           reference_orthogonalization, sync)
+from .presets import PRESETS, make_grads
 
 AMORTIZE_PERIOD = int(SOAP_DEFAULTS["precondition_frequency"])  # the library's default refresh period
 
@@ -166,7 +165,7 @@ def profiled_window(runners: list, args, device: torch.device) -> None:
                     r.annotated_step()
             sync(device)
         prof.export_chrome_trace(args.torch_profile)
-        import summarize
+        from . import summarize
 
         print(f"\ntorch.profiler trace: {args.torch_profile}")
         print(summarize.format_table(summarize.summarize(summarize.read_torch_trace(args.torch_profile))))
@@ -183,10 +182,11 @@ def profiled_window(runners: list, args, device: torch.device) -> None:
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m profiling.bench", description=__doc__.split("\n")[0])
     ap.add_argument("--preset", required=True, choices=sorted(PRESETS))
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--json", help="output JSON (default runs/bench-<preset>-<device>.json); the PNG goes next to it")
+    ap.add_argument("--json", help="output JSON (default runs/bench-<preset>-<device>[-<orthogonalization>].json); "
+                                   "the PNG goes next to it")
     ap.add_argument("--steps", type=int, default=8, help="timed steps per repeat (>= --refresh-period)")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--optimizers", default=",".join(OPTIMIZERS), help="comma list from: " + ",".join(OPTIMIZERS))
@@ -196,6 +196,9 @@ def parse_args(argv=None):
                     help="precondition_frequency used during the run (amortization always uses the default)")
     ap.add_argument("--warmup-cycles", type=int, default=None,
                     help="refresh periods of warm-up (default 3 for compiled-soap, 1 otherwise)")
+    ap.add_argument("--orthogonalization", choices=ORTHOGONALIZATIONS, default="householder",
+                    help="how the refresh orthonormalises F·Q, passed to CompiledSOAP (both rows) and to the "
+                         "reference SOAP ('householder-outside-graph' is Householder QR for the reference)")
     ap.add_argument("--backend", default="inductor",
                     help="torch.compile backend of compiled-soap; 'aot_eager' traces without code generation "
                          "(CPU smoke runs: Inductor's C++ build takes minutes there; not a performance number)")
@@ -222,7 +225,8 @@ def parse_args(argv=None):
     if args.nsys and args.torch_profile:
         ap.error("--nsys and --torch-profile both use CUPTI; pick one")
     if not args.json:
-        args.json = os.path.join(report.REPO, "runs", f"bench-{args.preset}-{args.device}.json")
+        suffix = "" if args.orthogonalization == "householder" else f"-{args.orthogonalization}"
+        args.json = os.path.join(report.REPO, "runs", f"bench-{args.preset}-{args.device}{suffix}.json")
     return args
 
 
@@ -240,7 +244,7 @@ def main(argv=None) -> int:
               "n_tensors": len(shapes), "qr_per_refresh": flops.n_factors(shapes), "steps": args.steps,
               "repeats": args.repeats, "refresh_period": args.refresh_period, "amortize_period": AMORTIZE_PERIOD,
               "optimizers": args.optimizers, "seed": args.seed, "backend": args.backend,
-              "matmul_precision": args.matmul_precision}
+              "matmul_precision": args.matmul_precision, "orthogonalization": args.orthogonalization}
     log(f"{preset.name}: {preset.numel():,} params in {len(shapes)} tensors on {device}; "
         f"matmul ceiling {ceiling:.3f} TFLOP/s")
 
@@ -249,8 +253,13 @@ def main(argv=None) -> int:
     for name in args.optimizers:
         runner = None
         try:
-            runner = Runner(name, preset, grads, device, args.refresh_period, seed=args.seed, backend=args.backend)
+            runner = Runner(name, preset, grads, device, args.refresh_period, seed=args.seed, backend=args.backend,
+                            orthogonalization=args.orthogonalization)
             rows.append(measure(runner, shapes, args, ceiling))
+            if name == "soap-reference" and reference_orthogonalization(args.orthogonalization) != \
+                    args.orthogonalization:
+                rows[-1]["notes"].append(f"reference SOAP ran orthogonalization="
+                                         f"{reference_orthogonalization(args.orthogonalization)!r} (it has no graph)")
         except Unavailable as e:
             row = empty_row(preset.name, name)
             row.update(available=False, skipped=str(e))
@@ -280,7 +289,8 @@ def main(argv=None) -> int:
         json.dump({"env": env, "config": config, "rows": rows}, f, indent=1,
                   default=str)
     print(f"\n{preset.name} on {env['gpu_name'] or 'CPU'} ({env['torch']}), refresh period {args.refresh_period} "
-          f"in the run, amortized at {AMORTIZE_PERIOD}; speedups = soap-reference time / row time")
+          f"in the run, amortized at {AMORTIZE_PERIOD}, orthogonalization {args.orthogonalization}; "
+          f"speedups = soap-reference time / row time")
     print(report.table(rows))
     png = report.chart(rows, os.path.splitext(args.json)[0] + ".png",
                        f"{preset.name} on {env['gpu_name'] or 'CPU'}, torch {env['torch']}")

@@ -9,7 +9,10 @@ Three tables:
      TORCHINDUCTOR_CACHE_DIR points at a warm one);
   3. the refresh schedule: refresh graphs run in 101 calls at f=10 (the host decides from its own clock; 10 due).
 
-    python profiling/bench_host.py [--inductor] [--layers 1 4 16 48] [--params 12 48 192 768]
+    python -m profiling.bench_host [--device cpu|cuda] [--inductor] [--layers 1 4 16 48] [--params 12 48 192 768]
+
+With --device cuda the parameters live on the GPU: table 1 is then wall time per step with the device synchronised
+at the end of each timed block (the host's launches, and the reference's small kernels), table 2 traces CUDA graphs.
 """
 
 from __future__ import annotations
@@ -22,10 +25,20 @@ import torch
 
 from compiled_soap import SOAP, CompiledSOAP
 
+from .bench_report import environment
+
+DEVICE = torch.device("cpu")  # set by main(); the tables build their parameters here
+
 
 def _params(n, d=8, gen=None):
     shapes = [(3 * d, d), (d, d), (4 * d, d), (d, 4 * d), (d,), (d,)]
-    return [torch.nn.Parameter(torch.randn(shapes[i % len(shapes)], generator=gen)) for i in range(n)]
+    # Drawn on the CPU (same values on every device), then moved.
+    return [torch.nn.Parameter(torch.randn(shapes[i % len(shapes)], generator=gen).to(DEVICE)) for i in range(n)]
+
+
+def _sync():
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
 
 
 def _time_steps(opt, params, steps=60, repeats=5):
@@ -35,9 +48,11 @@ def _time_steps(opt, params, steps=60, repeats=5):
         opt.step()
     samples = []
     for _ in range(repeats):
+        _sync()
         start = time.perf_counter()
         for _ in range(steps):
             opt.step()
+        _sync()
         samples.append((time.perf_counter() - start) / steps * 1e6)
     return statistics.median(samples)
 
@@ -75,6 +90,8 @@ def host_table(counts):
         for p in params:
             p.grad = torch.randn_like(p)
         opt.step()
+        if not hasattr(getattr(opt, "_compiler", None), "run"):
+            raise SystemExit("CompiledSOAP has no _compiler.run to replace: update bench_host.host_table")
         opt._compiler.run = lambda *args, **kwargs: None  # measure the host around the graph, not the graph
         steps, repeats = 60, 5
         with _CopyTimer() as copies:
@@ -147,15 +164,24 @@ def schedule_table():
     print(f"refresh graphs in 101 calls at f=10: {kinds.count('refresh')} (due: 10); plain: {kinds.count('plain')}")
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv=None):
+    global DEVICE
+    ap = argparse.ArgumentParser(prog="python -m profiling.bench_host", description=__doc__.splitlines()[0])
     ap.add_argument("--params", type=int, nargs="+", default=[12, 48, 192, 768])
     ap.add_argument("--layers", type=int, nargs="+", default=[1, 4, 16, 48])
     ap.add_argument("--inductor", action="store_true", help="also time Inductor's compilation (minutes on CPU)")
     ap.add_argument("--threads", type=int, default=1)
-    args = ap.parse_args()
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                    help="where the parameters live (cuda: wall time per step, synchronised per timed block)")
+    args = ap.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda but torch.cuda.is_available() is False")
+    DEVICE = torch.device(args.device)
     torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {args.threads} thread(s)\n")
+    env = environment(DEVICE)
+    for key in ("date", "command", "commit", "dirty", "torch", "cuda", "device", "gpu_name", "driver", "python"):
+        print(f"{key:8s} {env[key]}")
+    print(f"threads  {args.threads}\n")
     host_table(args.params)
     print()
     graph_table(args.layers, args.inductor)

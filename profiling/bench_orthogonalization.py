@@ -1,7 +1,7 @@
 """Householder QR vs batched CholeskyQR for SOAP's eigenbasis refresh, side by side, at the presets' factor sizes.
 
-    python profiling/bench_orthogonalization.py --device cpu                       # CPU subset: 64, 256, 768
-    python profiling/bench_orthogonalization.py --device cuda --sizes gpt2-small,pr118-h1024 --batch 16
+    python -m profiling.bench_orthogonalization --device cpu                       # CPU subset: 64, 256, 768
+    python -m profiling.bench_orthogonalization --device cuda --sizes gpt2-small,pr118-h1024 --batch 16
 
 For each size d, a stack of --batch factors F (d x d, PSD: G G^T of a rank-16-plus-noise gradient, the spectrum
 presets.make_grads describes) with an old basis Q (the eigenvectors of an earlier factor) is timed three ways:
@@ -20,19 +20,16 @@ import argparse
 import datetime
 import os
 import platform
-import shlex
 import subprocess
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # sibling modules, also under `python -m`
+import torch
+import torch.utils.benchmark as benchmark
 
-import torch  # noqa: E402
-import torch.utils.benchmark as benchmark  # noqa: E402
+from compiled_soap.orthogonalization import ORTHOGONALIZATIONS, flops, full_precision_matmul
 
-from flop_model import factor_sizes  # noqa: E402
-from presets import PRESETS  # noqa: E402
-
-from compiled_soap.orthogonalization import ORTHOGONALIZATIONS, flops, full_precision_matmul  # noqa: E402
+from .bench_report import command_line
+from .flop_model import factor_sizes
+from .presets import PRESETS
 
 METHODS = ("householder", "cholesky")
 
@@ -121,7 +118,7 @@ def header(args, device: torch.device) -> list[str]:
         f"device   {device.type}: {hardware}; torch threads {args.threads}; "
         f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}",
         f"commit   {commit}",
-        f"command  python {' '.join(shlex.quote(a) for a in sys.argv)}",
+        f"command  {command_line()}",
         f"dtype    {args.dtype}; batch {args.batch} factors per size; min run time {args.min_time} s per timing",
     ]
 
@@ -161,7 +158,8 @@ def run(args) -> None:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m profiling.bench_orthogonalization",
+                                     description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--sizes", type=parse_sizes, default=parse_sizes("64,256,768"),
                         help="comma list of factor sizes and/or preset names (tiny, gpt2-small, pr118-h1024, ...)")

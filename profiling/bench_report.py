@@ -22,6 +22,16 @@ def _run(cmd: list[str]) -> str | None:
     return out.stdout.strip() if out.returncode == 0 else None
 
 
+def command_line() -> str:
+    """The command that is running, as a user would type it: `python -m profiling.bench ...` for a module run
+    (sys.argv[0] is then the file's absolute path), `python path ...` otherwise."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    if spec is not None and spec.name:
+        name = spec.name[: -len(".__main__")] if spec.name.endswith(".__main__") else spec.name
+        return shlex.join(["python", "-m", name, *sys.argv[1:]])
+    return shlex.join(["python", *sys.argv])
+
+
 def environment(device: torch.device) -> dict:
     cuda = device.type == "cuda"
     driver = _run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"]) if cuda else None
@@ -41,7 +51,7 @@ def environment(device: torch.device) -> dict:
         "commit": _run(["git", "rev-parse", "HEAD"]),
         # The numbers belong to the commit only if the tree was clean.
         "dirty": bool(_run(["git", "status", "--porcelain", "--untracked-files=no"])),
-        "command": shlex.join([sys.executable, *sys.argv]),
+        "command": command_line(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "cpu_threads": torch.get_num_threads(),
         "float32_matmul_precision": torch.get_float32_matmul_precision(),

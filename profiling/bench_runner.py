@@ -19,33 +19,51 @@ import time
 
 import torch
 
-from presets import Preset, make_params
+from compiled_soap.hyperparameters import DEFAULTS
+from compiled_soap.orthogonalization import ORTHOGONALIZATIONS as _METHODS
+
+from .presets import Preset, make_params
 
 OPTIMIZERS = ("adamw", "soap-reference", "soap-batched-eager", "compiled-soap")
 # Which FLOP model applies (flop_model.py); None = no matmul work counted.
 FLOP_VARIANT = {"adamw": None, "soap-reference": "reference", "soap-batched-eager": "batched",
                 "compiled-soap": "batched"}
-# Same hyperparameters everywhere (SOAP's defaults), so only the implementation differs.
-HYPER = dict(lr=3e-3, betas=(0.95, 0.95), eps=1e-8, weight_decay=0.01)
+# Same hyperparameters everywhere (SOAP's defaults, read from the library), so only the implementation differs.
+HYPER = {name: DEFAULTS[name] for name in ("lr", "betas", "eps", "weight_decay")}
+# CompiledSOAP's orthogonalization options ("householder", "cholesky", "householder-outside-graph"). The reference
+# SOAP has the first two; "householder-outside-graph" is Householder QR kept out of the CUDA graph, which for the
+# eager reference is plain "householder".
+ORTHOGONALIZATIONS = tuple(_METHODS)
+
+
+def reference_orthogonalization(method: str) -> str:
+    """The reference SOAP's option for CompiledSOAP's `method` (same math; the reference has no graph)."""
+    return "householder" if method == "householder-outside-graph" else method
 
 
 class Unavailable(Exception):
     """The optimizer cannot be built in this checkout/environment; the row is reported as skipped."""
 
 
-def build_optimizer(name: str, params, device: torch.device, period: int, backend: str = "inductor"):
+def build_optimizer(name: str, params, device: torch.device, period: int, backend: str = "inductor",
+                    orthogonalization: str = "householder"):
+    if orthogonalization not in ORTHOGONALIZATIONS:
+        raise ValueError(f"unknown orthogonalization {orthogonalization!r}; choose from {ORTHOGONALIZATIONS}")
     if name == "adamw":
         return torch.optim.AdamW(params, **HYPER, fused=device.type == "cuda")
     import compiled_soap
 
     if name == "soap-reference":
-        return compiled_soap.SOAP(params, **HYPER, precondition_frequency=period)
+        return compiled_soap.SOAP(params, **HYPER, precondition_frequency=period,
+                                  orthogonalization=reference_orthogonalization(orthogonalization))
     cls = getattr(compiled_soap, "CompiledSOAP", None)
     if cls is None:
         raise Unavailable("compiled_soap.CompiledSOAP does not exist in this checkout")
     if name == "soap-batched-eager":
-        return cls(params, **HYPER, precondition_frequency=period, compile=False)
-    return cls(params, **HYPER, precondition_frequency=period, compile=True, backend=backend)
+        return cls(params, **HYPER, precondition_frequency=period, compile=False,
+                   orthogonalization=orthogonalization)
+    return cls(params, **HYPER, precondition_frequency=period, compile=True, backend=backend,
+               orthogonalization=orthogonalization)
 
 
 def schedule_kind(call: int, period: int, has_refresh: bool) -> str:
@@ -79,7 +97,7 @@ def annotate(name: str, nvtx_on: bool = False):
 
 class Runner:
     def __init__(self, name: str, preset: Preset, grads: list, device: torch.device, period: int, seed: int = 0,
-                 backend: str = "inductor"):
+                 backend: str = "inductor", orthogonalization: str = "householder"):
         self.name, self.device, self.period = name, device, period
         self.has_refresh = FLOP_VARIANT[name] is not None
         self.params = make_params(preset, device, seed)
@@ -87,7 +105,7 @@ class Runner:
         # Everything alive before the optimizer exists (params, grads, other rows' leftovers): peak_bytes is
         # measured above this line.
         self.baseline_bytes = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
-        self.opt = build_optimizer(name, self.params, device, period, backend)
+        self.opt = build_optimizer(name, self.params, device, period, backend, orthogonalization)
         self.calls = 0
         self.kind_mismatches = 0
 
@@ -153,7 +171,7 @@ class Runner:
 
     def profile_cycle(self) -> list[dict]:
         """torch.profiler over one refresh period (CUDA): per-kind launches, graph replays, kernels, kernel time."""
-        from summarize import read_torch_trace, summarize
+        from .summarize import read_torch_trace, summarize
 
         acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
         sync(self.device)

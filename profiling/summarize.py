@@ -10,7 +10,7 @@ the range of the call that launched it (correlation id), so work that runs on th
 host ran ahead) still counts. Nested ranges each count everything inside them.
 A table that is missing (e.g. no NVTX, or a CPU-only trace) gives empty/None columns instead of an error.
 
-Usage: python profiling/summarize.py FILE.sqlite|FILE.json [--json OUT] [--match SUBSTRING]
+Usage: python -m profiling.summarize FILE.sqlite|FILE.json [--json OUT] [--match SUBSTRING]
 """
 
 from __future__ import annotations
@@ -213,7 +213,7 @@ def format_table(rows: list[dict]) -> str:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m profiling.summarize", description=__doc__.split("\n")[0])
     ap.add_argument("path", help="nsys SQLite export (.sqlite) or torch.profiler Chrome trace (.json)")
     ap.add_argument("--match", help="only ranges whose name contains this")
     ap.add_argument("--json", help="also write the rows as JSON here")

@@ -2,7 +2,7 @@
 
 Nothing here knows SOAP. A `StepCompiler` hands out one compiled callable per (plan version, kind); on CUDA with
 mode="reduce-overhead" each callable is one CUDA graph: the first call compiles and warms up, the second records,
-later calls replay (docs: DESIGN_NOTES, cudagraph trees).
+later calls replay (docs/design.md §1).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""FLOP count of a SOAP step from the cost model in DESIGN_NOTES §4 (matmuls and QR only).
+"""FLOP count of a SOAP step from the cost model in docs/design.md §4 (matmuls and QR only).
 
 What is counted, per parameter with at least one factor (a factor is an axis of size s <= max_precond_dim; 1-D
 parameters have none unless precondition_1d):
@@ -10,7 +10,7 @@ parameters have none unless precondition_1d):
   * refresh step: 5 units for both (the batched path adds the 2 momentum rotations back), plus per factor
     M·Q = 2s³ and a Householder QR ≈ (4/3)s³.
 Not counted: elementwise Adam math, norms, sorting and index_select, and the reference's extra Qᵀ(M Q) matmul for the
-eigenvalue estimate (the model reuses P = M·Q for diag(QᵀMQ), notes §3). AdamW does no matmul: its FLOPs are None.
+eigenvalue estimate (the model reuses P = M·Q for diag(QᵀMQ), docs/design.md §3-4). AdamW does no matmul: its FLOPs are None.
 """
 
 from __future__ import annotations

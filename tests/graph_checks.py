@@ -79,7 +79,7 @@ __all__ = [
 aten = torch.ops.aten
 
 # Ops run as opaque ATen/cuBLAS/cuSOLVER calls inside the graph that are known (or, for linalg_qr, believed: see
-# shared/DESIGN_NOTES.md section 2) not to synchronise with the host. Names are OpOverloadPacket names.
+# docs/design.md §2) not to synchronise with the host. Names are OpOverloadPacket names.
 ALLOWED_EXTERN_OPS = frozenset({
     "aten.mm", "aten.bmm", "aten.addmm", "aten.baddbmm", "aten.addbmm", "aten._addmm_activation",
     "aten.linalg_qr", "aten.linalg_householder_product", "aten.geqrf",

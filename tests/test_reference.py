@@ -1,4 +1,4 @@
-"""CPU tests of the eager reference optimizer `compiled_soap.SOAP` against shared/SOAP_SPEC.md.
+"""CPU tests of the eager reference optimizer `compiled_soap.SOAP` against docs/spec.md.
 
 Every expected value below is computed independently in this file (explicit einsum / matmuls in float64, or a small
 numpy re-implementation of the spec). Only the optimizer's public surface is used: the constructor, `step()`,

@@ -175,7 +175,8 @@ def make_optimizer(name: str, model: nn.Module, args, device: torch.device) -> t
         return compiled_soap.SOAP(groups, **soap_args)
     if name == "compiled-soap":
         # Same hyperparameters as SOAP: CompiledSOAP is a drop-in replacement that computes the same update.
-        return compiled_soap.CompiledSOAP(groups, **soap_args, compile=args.compile, backend=args.backend)
+        return compiled_soap.CompiledSOAP(groups, **soap_args, compile=args.compile, backend=args.backend,
+                                          orthogonalization=args.orthogonalization)
     raise ValueError(f"unknown optimizer {name!r}")
 
 
@@ -434,6 +435,9 @@ def parse_args(argv=None):
     p.add_argument("--warmup-frac", type=float, default=0.05, help="fraction of the steps spent in lr warm-up")
     p.add_argument("--grad-clip", type=float, default=1.0)
     p.add_argument("--precondition-frequency", type=int, default=10, help="SOAP's eigenbasis refresh period")
+    p.add_argument("--orthogonalization", default="householder",
+                   choices=["householder", "cholesky", "householder-outside-graph"],
+                   help="CompiledSOAP's refresh orthogonalisation")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data-bytes", type=int, default=8_000_000, help="cap on the corpus size (0: all of it)")
     p.add_argument("--threads", type=int, default=0,

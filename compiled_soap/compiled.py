@@ -117,7 +117,7 @@ class CompiledSOAP(torch.optim.Optimizer):
 
     def _rebuild(self, entries: dict) -> None:
         """Every bucket anew from per-parameter entries (the one build path), then `state` re-published."""
-        plans = self._plans if hasattr(self, "_plans") else None
+        plans = self._plans
         self._owner.rebuild(entries, self._params, self.param_groups, self._group_index)
         self._owner.publish(self.state, self._params)
         self._plan_changed()

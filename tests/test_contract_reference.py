@@ -35,14 +35,6 @@ SPEC_DEFAULTS = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def randn(shape, seed, dtype=F32):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(shape, generator=g, dtype=F64).to(dtype)

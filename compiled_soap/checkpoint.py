@@ -67,6 +67,12 @@ def _saved_matrix(m: torch.Tensor) -> torch.Tensor:
     return m.detach().clone()
 
 
+def _absent(m: Any) -> bool:
+    """None in memory, [] in the saved layout: an entry written into optimizer.state by a wrapper that loads
+    checkpoints itself (ZeroRedundancyOptimizer) is in the saved layout."""
+    return m is None or (isinstance(m, list) and not m)
+
+
 def saved_entry(entry: dict[str, Any]) -> dict[str, Any]:
     """One parameter's in-memory state (None for an absent factor; counters as ints or 0-dim tensors) in its saved
     form: ints and floats, tensors cloned (moments contiguous, factors and bases in their layout), [] for an absent
@@ -77,8 +83,8 @@ def saved_entry(entry: dict[str, Any]) -> dict[str, Any]:
         "step": int(entry["step"]),
         "exp_avg": _saved_moment(entry["exp_avg"]),
         "exp_avg_sq": _saved_moment(entry["exp_avg_sq"]),
-        "GG": [[] if m is None else _saved_matrix(m) for m in entry["GG"]],
-        "Q": [[] if m is None else _saved_matrix(m) for m in entry["Q"]],
+        "GG": [[] if _absent(m) else _saved_matrix(m) for m in entry["GG"]],
+        "Q": [[] if _absent(m) else _saved_matrix(m) for m in entry["Q"]],
         "precondition_frequency": int(entry["precondition_frequency"]),
         "shampoo_beta": float(entry["shampoo_beta"]),
         "skipped": int(entry["skipped"]),
@@ -194,7 +200,9 @@ def _entry(pid: Any, saved: Any, version: int, p: torch.Tensor, group: dict, fac
         _fail(f"parameter {pid!r}: shampoo_beta must be a number in [0, 1), got {sb!r}")
     s["shampoo_beta"] = float(sb)
     s["skipped"] = _count(pid, "skipped", saved.get("skipped", 0))
-    if version >= 2:
+    # A saved clock is used whatever the version: a wrapper (torch.distributed.checkpoint's state-dict helpers) may
+    # drop the top-level format_version, and no older layout ever wrote the key.
+    if version >= 2 or "refresh_clock" in saved:
         if "refresh_clock" not in saved:
             _fail(f"parameter {pid!r}: missing key 'refresh_clock' (format_version {version})")
         s["refresh_clock"] = _count(pid, "refresh_clock", saved["refresh_clock"])

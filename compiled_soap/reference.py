@@ -175,6 +175,11 @@ class SOAP(torch.optim.Optimizer):
 
     def _step_param(self, p: torch.Tensor, group: dict) -> None:
         state = self.state[p]
+        if "Q" in state and any(isinstance(q, list) for q in state["Q"]):
+            # Written into optimizer.state in the checkpoint layout ([] for an absent factor), e.g. by
+            # ZeroRedundancyOptimizer's loader: the in-memory form has None.
+            for key in ("GG", "Q"):
+                state[key] = [None if isinstance(m, list) else m for m in state[key]]
         grad = p.grad.to(state_dtype(p.dtype))
         initialised = "Q" in state
         if initialised:

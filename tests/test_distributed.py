@@ -296,23 +296,7 @@ def test_zero_consolidated_checkpoint_layout(zero_runs, name):
                         torch.testing.assert_close(m.abs(), w.abs(), rtol=1e-3, atol=1e-5)
 
 
-_ZERO_RESUME_XFAIL = {
-    "soap": pytest.mark.xfail(
-        strict=True, raises=TypeError,
-        reason="compiled_soap bug: ZeroRedundancyOptimizer.load_state_dict writes the checkpoint entry (absent "
-               "factors as []) straight into SOAP.state[p]; SOAP.step treats only None as absent, so the bias's Q "
-               "[[]] reaches _rotate: TypeError: tensordot(): argument 'other' (position 2) must be Tensor, "
-               "not list"),
-    "compiled": pytest.mark.xfail(
-        strict=True, raises=AttributeError,
-        reason="compiled_soap bug: ZeroRedundancyOptimizer.load_state_dict writes the checkpoint entry (absent "
-               "factors as []) straight into CompiledSOAP.state[p]; _apply_state_edits passes it to "
-               "checkpoint.saved_entry, which treats only None as absent and calls _saved_matrix([]): "
-               "AttributeError: 'list' object has no attribute 'detach'"),
-}
-
-
-@pytest.mark.parametrize("name", [pytest.param(n, marks=_ZERO_RESUME_XFAIL[n]) for n in INNER])
+@pytest.mark.parametrize("name", list(INNER))
 def test_zero_checkpoint_resume_matches_uninterrupted(zero_runs, name):
     """A new ZeroRedundancyOptimizer that loads the consolidated checkpoint continues bitwise like the
     uninterrupted run on both ranks (same shards, same buckets, same arithmetic)."""
@@ -435,18 +419,13 @@ def test_dcp_flattened_round_trip_with_layout_hooks(name):
 
 
 def _restore_format_version(optimizer, state_dict):
-    # The workaround: DCP's helpers rebuild the optimizer state_dict from "state" and "param_groups" only.
+    # DCP's helpers rebuild the optimizer state_dict from "state" and "param_groups" only; the loader uses a saved
+    # refresh_clock whatever the version, so this hook is not needed, and the test shows it makes no difference.
     return {**state_dict, "format_version": 2}
 
 
 @pytest.mark.parametrize("pre_hook", [
-    pytest.param(None, id="as-is", marks=pytest.mark.xfail(
-        strict=True, raises=AssertionError,
-        reason="compiled_soap/DCP: get_optimizer_state_dict keeps only 'state' and 'param_groups', so the "
-               "top-level format_version=2 is dropped; check_and_convert then reads the checkpoint as version 0 "
-               "and sets refresh_clock = step, ignoring the saved refresh_clock, which differs from step after a "
-               "skipped (non-finite) call: the restored clock is 2 instead of 3 and the refreshes shift by one "
-               "call")),
+    pytest.param(None, id="as-is"),
     pytest.param(_restore_format_version, id="format-version-pre-hook"),
 ])
 @pytest.mark.parametrize("name", list(INNER))

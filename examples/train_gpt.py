@@ -308,9 +308,7 @@ def train(name: str, init_state: dict, data, args, device, resume: str | None) -
             opt.step()
         sync(device)
         t2 = time.perf_counter()
-        # Zero in place rather than dropping the gradients: after its first step every parameter's .grad is a view of
-        # CompiledSOAP's static gradient buffer, so backward accumulates straight into it (no copy, no extra memory).
-        # set_to_none=True works too (fresh gradients are copied in, one batched copy). It differs only for a
+        # Any zero_grad style works (CompiledSOAP copies the gradients in at every step). They differ only for a
         # parameter that gets no gradient in a step: None skips it, a zero gradient still decays its moments. Every
         # parameter of this model gets a gradient at every step, so the choice changes no number here.
         opt.zero_grad(set_to_none=False)

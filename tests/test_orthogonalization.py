@@ -265,9 +265,11 @@ def test_rejects_what_it_cannot_do():
 
 
 def test_dispatch_table():
-    assert set(orth.ORTHOGONALIZATIONS) == {"householder", "cholesky"}
+    assert set(orth.ORTHOGONALIZATIONS) == {"householder", "cholesky", "householder-outside-graph"}
     x = torch.randn(2, 6, 6, dtype=torch.float64)
     assert torch.equal(orth.orthogonalize(x, "householder"), torch.linalg.qr(x)[0])
+    outside = orth.orthogonalize(x, "householder-outside-graph")
+    assert torch.equal(outside, torch.linalg.qr(x)[0]) and outside.stride() == torch.linalg.qr(x)[0].stride()
     assert torch.equal(orth.orthogonalize(x, "cholesky"), cholesky(x))
     assert torch.equal(householder(x), torch.linalg.qr(x)[0])
 

@@ -18,6 +18,8 @@ from typing import Any, Callable, NamedTuple
 import numpy as np
 import torch
 
+from .validation import validate_param
+
 DATA_FORMATS = ("channels_first", "channels_last")
 
 
@@ -151,8 +153,6 @@ def validate_param_group(group: dict, defaults: dict) -> None:
     Its "params" become a list (a generator, e.g. model.parameters(), would otherwise be consumed by the check). The
     same tensor listed twice is an error: torch.optim only warns, and SOAP would step it twice with one state.
     """
-    from .validation import validate_param  # validation re-exports this module's names: import it lazily
-
     params = group["params"]
     group["params"] = [params] if isinstance(params, torch.Tensor) else list(params)
     first_position: dict[int, int] = {}

@@ -1,20 +1,14 @@
 """Input checks shared by `SOAP` and `CompiledSOAP`: parameters, gradients, and the state dtype.
 
 This is argument checking, not math: sharing it keeps the two classes' error messages identical without coupling
-their numerics. The hyperparameter checks live in `hyperparameters` (where the hyperparameters are defined); they are
-re-exported here for code that imported them from this module.
+their numerics. The hyperparameter checks live in `hyperparameters`, where the hyperparameters are defined.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .hyperparameters import DEFAULTS, checked_defaults, validate_hyperparameters, validate_param_group
-
-__all__ = [
-    "DEFAULTS", "checked_defaults", "validate_hyperparameters", "validate_param_group",
-    "validate_param", "validate_grad", "state_dtype",
-]
+__all__ = ["validate_param", "validate_grad", "state_dtype"]
 
 
 def validate_param(p: torch.Tensor) -> None:

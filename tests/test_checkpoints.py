@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from conftest import INDUCTOR, VARIANTS, full_rank_grads, make_params, relative_deviation
-from compiled_soap import SOAP, CompiledSOAP
+from compiled_soap import SOAP
 
 SHAPES = [(6, 4), (5,), (3, 4, 2), (), (9, 9), (6, 4, 3, 3)]
 F = 3

@@ -180,17 +180,15 @@ class StackedState:
         self.host_clock = joined("host_clock", np.int64)
         self.host_frequency = joined("host_frequency", np.int64)
         self.host_has_grad = joined("host_has_grad", bool)
-        ends = np.cumsum([len(b.members) for b in buckets], dtype=np.int64)
-        self.bucket_starts = ends - np.array([len(b.members) for b in buckets], dtype=np.int64)
         self.routes = Routes.of(buckets)
+        self.bucket_starts = np.array([a for a, _ in self.routes.bounds], dtype=np.int64)
         return [b._replace(host_clock=self.host_clock[a:e], host_frequency=self.host_frequency[a:e],
-                           host_has_grad=self.host_has_grad[a:e]) for b, a, e in zip(buckets, self.bucket_starts,
-                                                                                      ends)]
+                           host_has_grad=self.host_has_grad[a:e]) for b, (a, e) in zip(buckets, self.routes.bounds)]
 
     def is_initialized(self) -> set:
         return {i for b in self.buckets for i in b.members}
 
-    def entries(self, index_of=None) -> dict:
+    def entries(self) -> dict:
         """Per initialised parameter index, its entry in the checkpoint layout, as views of the stacks."""
         out = {}
         for b in self.buckets:

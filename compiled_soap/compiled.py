@@ -114,6 +114,7 @@ class CompiledSOAP(torch.optim.Optimizer):
         initialized = self._owner.is_initialized()
         self._uninitialized = [i for i in range(len(self._params)) if i not in initialized]
         self._plans = tuple(b.plan for b in buckets)
+        self._bucket_tensors = tuple(b.tensors for b in buckets)
 
     def _rebuild(self, entries: dict) -> None:
         """Every bucket anew from per-parameter entries (the one build path), then `state` re-published."""
@@ -157,7 +158,7 @@ class CompiledSOAP(torch.optim.Optimizer):
                 with full_precision_matmul() if kind == "refresh" else contextlib.nullcontext():
                     self._compiler.run((self._plans, refreshing), kind, stacked.step,
                                        {"refreshing": refreshing, "method": self._options["orthogonalization"]},
-                                       self._plans, tuple(b.tensors for b in self._owner.buckets), self._hyper.hyper)
+                                       self._plans, self._bucket_tensors, self._hyper.hyper)
                 torch._foreach_copy_(copies[3], copies[2])
             if new:
                 with nvtx_range("initialize"):

@@ -10,13 +10,12 @@ from __future__ import annotations
 import torch
 
 from .compilation import mark_static
-from .hyperparameters import validate_hyperparameters
+from .hyperparameters import HYPERPARAMETERS, validate_hyperparameters
 from .stacked import Hyper
 
-# Everything whose change must be re-validated (structural options included: a bad value is refused even though
-# it only applies to parameters initialised later).
-_WATCHED = ("lr", "betas", "eps", "weight_decay", "correct_bias", "normalize_grads", "shampoo_beta",
-            "precondition_frequency", "max_precond_dim", "merge_dims", "precondition_1d", "data_format")
+# Every hyperparameter is re-validated when it changes (structural options included: a bad value is refused even
+# though it only applies to parameters initialised later).
+_WATCHED = tuple(h.name for h in HYPERPARAMETERS)
 
 
 class HyperTable:

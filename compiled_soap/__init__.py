@@ -3,8 +3,8 @@
 `SOAP` is the eager per-parameter reference; `CompiledSOAP` is the fast path that computes the same thing.
 """
 
-from .compiled import CompiledSOAP
+from .compiled import CompiledSOAP, merge_state_dicts
 from .reference import SOAP
 
-__all__ = ["SOAP", "CompiledSOAP"]
+__all__ = ["SOAP", "CompiledSOAP", "merge_state_dicts"]
 __version__ = "0.1.0"

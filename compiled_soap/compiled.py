@@ -18,6 +18,7 @@ from typing import Callable, Optional
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from . import stacked
 from .checkpoint import FORMAT_VERSION, check_and_convert, load_state_dict_with_hooks, saved_entry, \
@@ -28,6 +29,7 @@ from .hyperparameters import checked_defaults, validate_param_group
 from .nvtx_ranges import nvtx_range
 from .orthogonalization import ORTHOGONALIZATIONS, full_precision_matmul
 from .planning import layout_of
+from .sharding import Exchange, assign_owners, check_same_parameters, is_dtensor, item_flops, shard_group
 from .state import StackedState, StateTable
 from .validation import state_dtype, validate_grad
 
@@ -45,6 +47,13 @@ class CompiledSOAP(torch.optim.Optimizer):
             "cholesky" (shifted CholeskyQR3: batched matmuls only, much faster on GPUs), or
             "householder-outside-graph" (the paper's QR as an op that Inductor keeps out of the CUDA graph: the
             refresh becomes a few graph replays around an eager QR, for a GPU whose QR cannot be captured).
+        shard: with torch.distributed, give each parameter one owner rank, which alone keeps its state and runs
+            its step; the others receive the updated parameter (docs/distributed.md). None (default): shard when
+            torch.distributed is initialised and the group has more than one rank. False: every rank steps every
+            parameter it was given (needed under ZeroRedundancyOptimizer, which gives each rank its own subset).
+            Parameters may be plain tensors (the same on every rank: DDP) or DTensors sharded on dim 0 (FSDP2).
+        process_group: the ProcessGroup or 1-D DeviceMesh to shard over (HSDP: the shard dimension). Default: the
+            mesh dimension DTensor parameters are sharded on, else the default group.
 
     After each `step()`, `last_step_kind` is "init" (only initialisations), "plain", "refresh" or "none";
     `compile_seconds` accumulates the wall time of calls that compiled or recorded a graph; `skipped_steps()`
@@ -74,11 +83,17 @@ class CompiledSOAP(torch.optim.Optimizer):
         mode: Optional[str] = "reduce-overhead",
         backend="inductor",
         orthogonalization: str = "householder",
+        shard: Optional[bool] = None,
+        process_group=None,
     ):
         defaults = checked_defaults(locals())
         if orthogonalization not in ORTHOGONALIZATIONS:
             raise ValueError(f"Invalid orthogonalization: {orthogonalization!r} (one of {sorted(ORTHOGONALIZATIONS)})")
-        self._options = {"compile": compile, "mode": mode, "backend": backend, "orthogonalization": orthogonalization}
+        if shard not in (None, True, False):
+            raise ValueError(f"Invalid shard: {shard!r} (None, True or False)")
+        self._options = {"compile": compile, "mode": mode, "backend": backend, "orthogonalization": orthogonalization,
+                         "shard": shard, "process_group": process_group}
+        self._owner_of: dict = {}  # parameter -> owner rank, once sharding is set up (kept: state never moves)
         self._owner = StackedState()
         self._compiler = StepCompiler(compile, backend, mode)
         self._params: list = []
@@ -107,19 +122,57 @@ class CompiledSOAP(torch.optim.Optimizer):
         self._index_of = {p: i for i, p in enumerate(self._params)}
         self._hyper = None  # one row per group: reallocated (and the graphs recompiled) at the next step
         self._compiler.reset()
+        self._exchange: Optional[Exchange] = None
+        self._sharding_ready = False  # set up at the next step, load or state_dict (it may run collectives)
+        self._targets = self._params  # what is stepped for each parameter: itself, or (DTensor) a full proxy
+        self._owned = list(range(len(self._params)))
+        self._plan_changed()
+
+    def _setup_sharding(self) -> None:
+        """Decide who owns which parameter (`sharding`), once per change of the param groups. Collective."""
+        if self._sharding_ready:
+            return
+        self._sharding_ready = True
+        shard = self._options["shard"]
+        if shard is None:
+            shard = dist.is_available() and dist.is_initialized() and \
+                dist.get_world_size(shard_group(self._params, self._options["process_group"])) > 1
+        if not shard:
+            if any(is_dtensor(p) for p in self._params):
+                raise ValueError("CompiledSOAP(shard=False) cannot step DTensor parameters: leave shard at its "
+                                 "default (or True) under FSDP2")
+            return
+        if not (dist.is_available() and dist.is_initialized()):
+            raise RuntimeError("CompiledSOAP(shard=True) needs torch.distributed initialised")
+        group = shard_group(self._params, self._options["process_group"])
+        check_same_parameters(self._params, group)
+        world, rank = dist.get_world_size(group), dist.get_rank(group)
+        costs = [item_flops(p.shape, self.param_groups[gi]) for p, gi in zip(self._params, self._group_index)]
+        loads = [0.0] * world
+        for i, p in enumerate(self._params):
+            if p in self._owner_of:
+                loads[self._owner_of[p]] += costs[i]
+        new = [i for i, p in enumerate(self._params) if p not in self._owner_of]
+        owners = assign_owners([costs[i] for i in new],
+                               [(tuple(self._params[i].shape), self._params[i].dtype, costs[i]) for i in new],
+                               world, loads)
+        self._owner_of.update((self._params[i], r) for i, r in zip(new, owners))
+        self._exchange = Exchange(self._params, [self._owner_of[p] for p in self._params], group)
+        self._targets = self._exchange.targets()
+        self._owned = [i for i, p in enumerate(self._params) if self._owner_of[p] == rank]
         self._plan_changed()
 
     def _plan_changed(self) -> None:
         buckets = self._owner.buckets
         initialized = self._owner.is_initialized()
-        self._uninitialized = [i for i in range(len(self._params)) if i not in initialized]
+        self._uninitialized = [i for i in self._owned if i not in initialized]
         self._plans = tuple(b.plan for b in buckets)
         self._bucket_tensors = tuple(b.tensors for b in buckets)
 
     def _rebuild(self, entries: dict) -> None:
         """Every bucket anew from per-parameter entries (the one build path), then `state` re-published."""
         plans = self._plans
-        self._owner.rebuild(entries, self._params, self.param_groups, self._group_index)
+        self._owner.rebuild(entries, self._targets, self.param_groups, self._group_index)
         self._owner.publish(self.state, self._params)
         self._plan_changed()
         if self._plans != plans:
@@ -134,6 +187,10 @@ class CompiledSOAP(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         with nvtx_range("step"):
+            self._setup_sharding()
+            if self._exchange is not None:
+                with nvtx_range("gather"):
+                    self._exchange.before_step()
             with nvtx_range("prepare"):
                 if self.state.edited:
                     self._apply_state_edits()
@@ -163,6 +220,9 @@ class CompiledSOAP(torch.optim.Optimizer):
             if new:
                 with nvtx_range("initialize"):
                     self._initialize(new)
+            if self._exchange is not None:
+                with nvtx_range("scatter"):
+                    self._exchange.after_step()
         self.last_step_kind = kind or ("init" if new else "none")
         return loss
 
@@ -190,7 +250,7 @@ class CompiledSOAP(torch.optim.Optimizer):
             copies = tuple([x[k] for k in keep] for x in (r.grad_slots, grads, r.param_slots, params))
         new = []
         for i in self._uninitialized:
-            p = self._params[i]
+            p = self._targets[i]
             if p.grad is not None:
                 validate_grad(p)
                 new.append(i)
@@ -235,7 +295,7 @@ class CompiledSOAP(torch.optim.Optimizer):
         """First call of these parameters (§3 I1-I3), eagerly, one at a time; then the buckets are rebuilt."""
         entries = {}
         for i in new:
-            p, g = self._params[i], self.param_groups[self._group_index[i]]
+            p, g = self._targets[i], self.param_groups[self._group_index[i]]
             if not bool(torch.isfinite(p.grad).all()):  # stays uninitialised, like the reference
                 self._owner.pre_init_skipped[i] = self._owner.pre_init_skipped.get(i, 0) + 1
                 continue
@@ -253,10 +313,13 @@ class CompiledSOAP(torch.optim.Optimizer):
         edited, self.state.edited = self.state.edited, set()
         entries = self._owner.entries()
         replaced = {}
+        owned = set(self._owned)
         for p in edited:
             if p not in self._index_of:
                 raise ValueError("optimizer.state has an entry for a tensor that is not a parameter of this optimizer")
             i = self._index_of[p]
+            if i not in owned:  # another rank's parameter (a wrapper writing every entry on every rank)
+                continue
             entry = dict.get(self.state, p)
             if entry is not None and "Q" in entry:
                 replaced[i] = entry
@@ -280,12 +343,26 @@ class CompiledSOAP(torch.optim.Optimizer):
         return self._owner.skipped_steps(len(self._params), device)
 
     def _state_dict(self) -> dict:
+        self._setup_sharding()
         if self.state.edited:
             self._apply_state_edits()
         state = {i: saved_entry(_host_entry(e)) for i, e in self._owner.entries().items()}
         state.update({i: {"skipped": n} for i, n in self._owner.pre_init_skipped.items() if n})
-        return {"state": dict(sorted(state.items())), "param_groups": self._packed_groups(),
-                "format_version": FORMAT_VERSION}
+        out = {"state": dict(sorted(state.items())), "param_groups": self._packed_groups(),
+               "format_version": FORMAT_VERSION}
+        if self._exchange is not None:  # the entries of this rank's parameters only
+            out["shard"] = {"rank": self._exchange.rank, "world_size": self._exchange.world}
+        return out
+
+    def consolidated_state_dict(self) -> dict:
+        """Sharded: every rank's entries in one state_dict, returned on every rank (collective; the whole state
+        passes through host memory). It loads at any world size, or in one process. Unsharded: `state_dict()`."""
+        local = self.state_dict()
+        if self._exchange is None:
+            return local
+        shards = [None] * self._exchange.world
+        dist.all_gather_object(shards, _to_cpu(local), group=self._exchange.group)
+        return merge_state_dicts(shards)
 
     def _packed_groups(self) -> list:
         """param_groups as a checkpoint stores them: parameters as their index over all groups."""
@@ -301,21 +378,45 @@ class CompiledSOAP(torch.optim.Optimizer):
         self.param_groups = groups
         self._owner = StackedState()
         self._groups_changed()
-        index = self._index_of
-        self._owner.pre_init_skipped = {index[p]: s["skipped"] for p, s in state.items() if "Q" not in s}
-        self._rebuild({index[p]: s for p, s in state.items() if "Q" in s})
+        self._setup_sharding()  # sharded: each rank keeps the entries of the parameters it owns
+        index, owned = self._index_of, set(self._owned)
+        state = {index[p]: s for p, s in state.items() if index[p] in owned}
+        self._owner.pre_init_skipped = {i: s["skipped"] for i, s in state.items() if "Q" not in s}
+        self._rebuild({i: s for i, s in state.items() if "Q" in s})
 
     def load_state_dict(self, state_dict: dict) -> None:
         load_state_dict_with_hooks(self, state_dict, self._load_state_dict)
 
     def __getstate__(self) -> dict:
-        # Compiled functions cannot be copied or pickled: a copy is rebuilt from the checkpoint layout.
-        return {"param_groups": self.param_groups, "defaults": self.defaults, "options": self._options,
-                "state_dict": self._state_dict()}
+        # Compiled functions cannot be copied or pickled: a copy is rebuilt from the checkpoint layout. A process
+        # group cannot be copied either: a copy shards over the default choice (and runs collectives when used).
+        return {"param_groups": self.param_groups, "defaults": self.defaults,
+                "options": {**self._options, "process_group": None}, "state_dict": self._state_dict()}
 
     def __setstate__(self, state: dict) -> None:
         CompiledSOAP.__init__(self, state["param_groups"], **state["defaults"], **state["options"])
         self._load_state_dict(state["state_dict"])
+
+
+def merge_state_dicts(shards: list) -> dict:
+    """One state_dict from the `state_dict()`s of all the ranks of a sharded CompiledSOAP (each holds its own
+    parameters' entries): loads at any world size, or in one process."""
+    if not shards:
+        raise ValueError("merge_state_dicts: no state_dicts given")
+    state = {}
+    for shard in shards:
+        for pid, entry in shard["state"].items():
+            if pid in state and "Q" in state[pid]:
+                if "Q" in entry:
+                    raise ValueError(f"merge_state_dicts: parameter {pid!r} has state in two shards")
+                continue
+            state[pid] = entry
+    merged = {k: v for k, v in shards[0].items() if k != "shard"}
+    return {**merged, "state": dict(sorted(state.items(), key=lambda kv: (type(kv[0]).__name__, kv[0])))}
+
+
+def _to_cpu(state_dict: dict) -> dict:
+    return torch.utils._pytree.tree_map(lambda x: x.cpu() if isinstance(x, torch.Tensor) else x, state_dict)
 
 
 def _factor_sizes(p: torch.Tensor, group: dict) -> list:

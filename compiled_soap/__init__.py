@@ -3,8 +3,9 @@
 `SOAP` is the eager per-parameter reference; `CompiledSOAP` is the fast path that computes the same thing.
 """
 
+from .checkpoint import factors_as_dicts
 from .compiled import CompiledSOAP, merge_state_dicts
 from .reference import SOAP
 
-__all__ = ["SOAP", "CompiledSOAP", "merge_state_dicts"]
+__all__ = ["SOAP", "CompiledSOAP", "merge_state_dicts", "factors_as_dicts"]
 __version__ = "0.1.0"

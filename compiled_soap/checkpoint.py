@@ -16,6 +16,9 @@ exactly as the paper's soap.py writes it, so the paper's optimizer can load thes
 the two counters). In memory both classes use None for an absent factor. Factors and eigenbases keep their memory
 layout when saved (see `_saved_matrix`), which is what makes a resume bit-identical.
 
+`factors_as_dicts` (a state_dict post hook) writes GG and Q as {axis: matrix} instead, absent factors left out: the
+form torch.distributed.checkpoint can flatten. Every version is also read with GG and Q in that form.
+
 `check_and_convert` reads versions 0 (no "format_version": this package before versioning, or the paper's own
 soap.py; [] for absent factors, no skipped, no refresh_clock), 1 (None for absent factors, no refresh_clock) and 2
 (the layout above, refresh_clock required); a missing skipped is 0 and, in versions 0 and 1, the refresh clock is
@@ -169,6 +172,36 @@ def _factor(pid: Any, key: str, m: Any, version: int, size: Any, p: torch.Tensor
     return m.detach().to(device=p.device, copy=True)
 
 
+def _as_list(pid: Any, key: str, value: Any, n_axes: int, version: int) -> Any:
+    """GG or Q in the dict form of `factors_as_dicts` ({axis: matrix}, axes without a factor left out; keys as ints or
+    as the strings torch.distributed.checkpoint's unflattening gives back) -> the list form of `version`."""
+    if not isinstance(value, dict):
+        return value
+    try:
+        axes = {int(a): m for a, m in value.items()}
+    except (TypeError, ValueError):
+        _fail(f"parameter {pid!r}: {key} as a dict must be keyed by axis numbers, got keys {sorted(map(str, value))}")
+    if any(not 0 <= a < n_axes for a in axes):
+        _fail(f"parameter {pid!r}: {key} names axes {sorted(axes)}, the parameter has {n_axes} (merged) axes")
+    absent = None if version == 1 else []
+    return [axes.get(a, absent) for a in range(n_axes)]
+
+
+def factors_as_dicts(optimizer: torch.optim.Optimizer, state_dict: dict) -> dict:
+    """A state_dict post hook: GG and Q as {axis: matrix} with absent factors left out, instead of lists.
+
+    The layout torch.distributed.checkpoint can flatten (get_optimizer_state_dict with
+    flatten_optimizer_state_dict=True rejects lists). Both classes load it as they load the list form, so no
+    load-side hook is needed: `optimizer.register_state_dict_post_hook(factors_as_dicts)`."""
+    state = {}
+    for pid, entry in state_dict["state"].items():
+        if "Q" in entry:
+            entry = {**entry, **{key: {str(a): m for a, m in enumerate(entry[key]) if not _absent(m)}
+                                 for key in ("GG", "Q")}}
+        state[pid] = entry
+    return {**state_dict, "state": state}
+
+
 def _entry(pid: Any, saved: Any, version: int, p: torch.Tensor, group: dict, factor_sizes) -> dict[str, Any]:
     if not isinstance(saved, dict):
         _fail(f"parameter {pid!r}: its state must be a dict, got {type(saved).__name__}")
@@ -186,9 +219,11 @@ def _entry(pid: Any, saved: Any, version: int, p: torch.Tensor, group: dict, fac
         if t.dtype != sdtype:
             _fail(f"parameter {pid!r}: {key} has dtype {t.dtype}, a {p.dtype} parameter keeps {sdtype} state")
         s[key] = t.detach().to(device=p.device, copy=True)
+    expected = list(factor_sizes(p, group))
+    saved = {**saved, "GG": _as_list(pid, "GG", saved["GG"], len(expected), version),
+             "Q": _as_list(pid, "Q", saved["Q"], len(expected), version)}
     if not isinstance(saved["GG"], list) or not isinstance(saved["Q"], list) or len(saved["GG"]) != len(saved["Q"]):
         _fail(f"parameter {pid!r}: GG and Q must be lists of equal length")
-    expected = list(factor_sizes(p, group))
     if len(saved["GG"]) != len(expected):
         _fail(f"parameter {pid!r} of shape {tuple(p.shape)}: {len(saved['GG'])} factor entries, expected "
               f"{len(expected)} (factor sizes {expected})")

@@ -134,9 +134,9 @@ class CompiledSOAP(torch.optim.Optimizer):
             return
         self._sharding_ready = True
         shard = self._options["shard"]
-        if shard is None:
-            shard = dist.is_available() and dist.is_initialized() and \
-                dist.get_world_size(shard_group(self._params, self._options["process_group"])) > 1
+        if shard is None:  # DTensor parameters are only ever stepped sharded (whatever the group's size)
+            shard = any(is_dtensor(p) for p in self._params) or (dist.is_available() and dist.is_initialized() and
+                    dist.get_world_size(shard_group(self._params, self._options["process_group"])) > 1)
         if not shard:
             if any(is_dtensor(p) for p in self._params):
                 raise ValueError("CompiledSOAP(shard=False) cannot step DTensor parameters: leave shard at its "

@@ -125,18 +125,31 @@ class Signature(NamedTuple):
 
 
 def check_same_parameters(params: list, group) -> None:
-    """Every rank must shard the same parameters: a wrapper that gives each rank its own subset
-    (ZeroRedundancyOptimizer) needs shard=False."""
+    """Every rank must shard the same parameters. Plain tensors must also be equal on every rank (replicas, as DDP
+    keeps them): a wrapper that gives each rank its own subset (ZeroRedundancyOptimizer) needs shard=False, and
+    same-shaped subsets would otherwise pass unnoticed. One all_gather of a checksum per parameter, at set-up."""
     mine = Signature([tuple(p.shape) for p in params], [str(p.dtype) for p in params],
                      [is_dtensor(p) for p in params])
     everyone = [None] * dist.get_world_size(group)
     dist.all_gather_object(everyone, mine, group=group)
+    advice = ("Pass shard=False where each rank optimises its own parameters "
+              "(ZeroRedundancyOptimizer(optimizer_class=CompiledSOAP, shard=False, ...)).")
     for rank, theirs in enumerate(everyone):
         if theirs != mine:
-            raise ValueError(
-                f"CompiledSOAP(shard=True) needs the same parameters (shapes, dtypes) on every rank of its process "
-                f"group, and rank {rank} has others. Pass shard=False where each rank optimises its own parameters "
-                f"(ZeroRedundancyOptimizer(optimizer_class=CompiledSOAP, shard=False, ...)).")
+            raise ValueError(f"CompiledSOAP(shard=True) needs the same parameters (shapes, dtypes) on every rank of "
+                             f"its process group, and rank {rank} has others. {advice}")
+    plain = [p for p in params if not is_dtensor(p)]
+    if plain:
+        device = plain[0].device
+        weights = [torch.linspace(1, 2, p.numel(), dtype=torch.float64, device=device) for p in plain]
+        sums = torch.stack([(p.detach().reshape(-1).double() * w).sum() for p, w in zip(plain, weights)])
+        gathered = torch.empty(dist.get_world_size(group) * len(plain), dtype=torch.float64, device=device)
+        _all_gather(gathered, sums, group=group)
+        gathered = gathered.view(-1, len(plain))
+        differ = (gathered != sums).any(0).nonzero().flatten().tolist()
+        if differ:
+            raise ValueError(f"CompiledSOAP(shard=True): parameters {differ} differ between the ranks of its process "
+                             f"group; sharding steps replicated parameters (DDP). {advice}")
 
 
 # ------------------------------------------------------------------------------------------------------ exchange

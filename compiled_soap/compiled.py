@@ -336,6 +336,12 @@ class CompiledSOAP(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ state_dict, copies
 
+    def owned_parameters(self) -> list:
+        """Indices (over the param groups, as in state_dict) of the parameters this rank keeps state for and steps:
+        all of them unless sharded. Collective the first time after the param groups change (sets sharding up)."""
+        self._setup_sharding()
+        return list(self._owned)
+
     def skipped_steps(self) -> torch.Tensor:
         """Per parameter (param_groups order), calls skipped for a non-finite gradient. A device tensor: reading
         it (`.tolist()`) syncs, keeping it does not."""

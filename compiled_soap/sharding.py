@@ -155,14 +155,18 @@ def check_same_parameters(params: list, group) -> None:
 # ------------------------------------------------------------------------------------------------------ exchange
 
 
-class _Class(NamedTuple):
-    members: list  # parameter indices of this shape and dtype, in parameter order
-    owned: list  # per rank, its members (in order)
-    slots: int  # m: the most members any rank owns
-
-
 class Exchange:
-    """The collectives that move parameters (and, for DTensors, gradients) between owners and everyone else."""
+    """The collectives that move parameters (and, for DTensors, gradients) between owners and everyone else.
+
+    One collective per dtype and direction, over flat buffers allocated once (every view into them is built here;
+    a step only copies and communicates):
+    - replicated: each rank packs its own parameters, padded to the largest rank's total, and one all_gather
+      gives every rank everybody's;
+    - DTensor: all_to_all_single with exact split sizes (no padding): rank r sends owner o, for each of o's
+      parameters in order, its rows of the parameter and of the gradient; the owner writes the W pieces of each
+      into the full proxy (dim-0 chunks, so each piece is one contiguous range of the flat tensor). After the
+      step the same in reverse: the owner sends every rank its rows of the updated proxy.
+    """
 
     def __init__(self, params: list, owners: list, group):
         self.group, self.rank, self.world = group, dist.get_rank(group), dist.get_world_size(group)
@@ -170,14 +174,12 @@ class Exchange:
         self.dtensor = bool(params) and is_dtensor(params[0])
         if any(is_dtensor(p) != self.dtensor for p in params):
             raise ValueError("CompiledSOAP cannot mix DTensor and plain tensor parameters in one optimizer")
-        by_kind: dict = defaultdict(list)
+        self.shapes, self.dtypes = [p.shape for p in params], [p.dtype for p in params]
+        by_dtype: dict = defaultdict(list)
         for i, p in enumerate(params):
-            by_kind[(tuple(p.shape), p.dtype)].append(i)
-        self.classes = []
-        for idx in by_kind.values():
-            owned = [[i for i in idx if owners[i] == r] for r in range(self.world)]
-            self.classes.append(_Class(idx, owned, max(len(o) for o in owned)))
+            by_dtype[p.dtype].append(i)
         self.proxies: dict = {}  # DTensor mode: index -> full plain tensor standing for the parameter
+        self.grad_buffers: dict = {}  # and its full gradient (the proxy's .grad when the parameter has one)
         if self.dtensor:
             for i, p in enumerate(params):
                 if p.device_mesh.size(_shard_dim(p)) != self.world:
@@ -185,94 +187,165 @@ class Exchange:
                                      f"the optimizer's process group has {self.world}")
                 if owners[i] == self.rank:
                     self.proxies[i] = torch.empty(p.shape, dtype=p.dtype, device=p.to_local().device)
+                    self.grad_buffers[i] = torch.zeros_like(self.proxies[i])
+            self.plans = [self._dtensor_plan(idx) for idx in by_dtype.values()]
+        else:
+            self.plans = [self._replica_plan(idx) for idx in by_dtype.values()]
 
     def targets(self) -> list:
         """What the shell steps for each parameter: the parameter itself, or (DTensor) its full proxy."""
         return [self.proxies.get(i) for i in range(len(self.params))] if self.dtensor else list(self.params)
 
-    # ---------------------------------------------------------------- DTensor parameters
-
-    def _rows(self, p) -> int:
-        return -(-p.shape[0] // self.world)  # torch.chunk's rows per rank (FSDP2's dim-0 sharding)
-
-    def _local(self, t, i: int):
-        local = t.to_local()
-        p = self.params[i]
-        rows = min(self._rows(p), max(0, p.shape[0] - self.rank * self._rows(p)))
-        if local.shape[0] != rows or tuple(local.shape[1:]) != tuple(p.shape[1:]):
-            raise ValueError(f"parameter {i}: its local shard has shape {tuple(local.shape)}, expected {rows} rows "
-                             f"of {tuple(p.shape)} split as torch.chunk splits dim 0 over {self.world} ranks")
-        return local
-
-    def gather_full(self) -> None:
-        """Each owner receives every rank's shard of its items' parameters and gradients and joins them into
-        the proxies (and their .grad, None where the parameter has none: FSDP2 gives every rank the same None-ness)."""
-        for c in self.classes:
-            p0 = self.params[c.members[0]]
-            rows = self._rows(p0)
-            rest = tuple(p0.shape[1:])
-            send = torch.zeros((self.world, c.slots, 2, rows, *rest), dtype=p0.dtype,
-                               device=self._local(p0, c.members[0]).device)
-            has_grad = {i: self.params[i].grad is not None for i in c.members}
-            for r in range(self.world):
-                for k, i in enumerate(c.owned[r]):
-                    p = self.params[i]
-                    local = self._local(p, i)
-                    send[r, k, 0, :local.shape[0]] = local
-                    if has_grad[i]:
-                        send[r, k, 1, :local.shape[0]] = self._local(p.grad, i)
-            recv = torch.empty_like(send)
-            dist.all_to_all_single(recv, send, group=self.group)
-            for k, i in enumerate(c.owned[self.rank]):
-                full = recv[:, k].transpose(0, 1).reshape(2, self.world * rows, *rest)[:, :p0.shape[0]]
-                proxy = self.proxies[i]
-                proxy.copy_(full[0])
-                if has_grad[i]:
-                    if proxy.grad is None:
-                        proxy.grad = torch.empty_like(proxy)
-                    proxy.grad.copy_(full[1])
-                else:
-                    proxy.grad = None
-
-    def scatter_shards(self) -> None:
-        """Every rank receives its rows of the parameters the owners updated."""
-        for c in self.classes:
-            p0 = self.params[c.members[0]]
-            rows = self._rows(p0)
-            rest = tuple(p0.shape[1:])
-            send = torch.zeros((self.world, c.slots, rows, *rest), dtype=p0.dtype,
-                               device=self._local(p0, c.members[0]).device)
-            for k, i in enumerate(c.owned[self.rank]):
-                padded = torch.zeros((self.world * rows, *rest), dtype=p0.dtype, device=send.device)
-                padded[:p0.shape[0]] = self.proxies[i]
-                send[:, k] = padded.view(self.world, rows, *rest)
-            recv = torch.empty_like(send)
-            dist.all_to_all_single(recv, send, group=self.group)
-            for r in range(self.world):
-                for k, i in enumerate(c.owned[r]):
-                    local = self._local(self.params[i], i)
-                    local.copy_(recv[r, k, :local.shape[0]])
+    def check_unchanged(self) -> None:
+        """Every rank sees every parameter, so every rank raises alike (a rank-local check could leave the others
+        waiting in a collective)."""
+        if [p.shape for p in self.params] != self.shapes or [p.dtype for p in self.params] != self.dtypes:
+            changed = [i for i, p in enumerate(self.params) if (p.shape, p.dtype) != (self.shapes[i], self.dtypes[i])]
+            raise ValueError(f"parameters {changed} changed shape or dtype after sharding was set up; a sharded "
+                             "CompiledSOAP keeps both fixed: build a new optimizer (or load its state_dict into one)")
 
     # ---------------------------------------------------------------- replicated parameters
 
+    def _replica_plan(self, idx: list) -> dict:
+        p0 = self.params[idx[0]]
+        mine = [i for i in idx if self.owners[i] == self.rank]
+        totals = [sum(self.params[i].numel() for i in idx if self.owners[i] == r) for r in range(self.world)]
+        width = max(totals)
+        send = torch.zeros(width, dtype=p0.dtype, device=p0.device)
+        recv = torch.empty(self.world * width, dtype=p0.dtype, device=p0.device)
+        views, theirs, offsets = [], [], [0] * self.world
+        for i in idx:
+            r, n = self.owners[i], self.params[i].numel()
+            if r == self.rank:
+                views.append(send[offsets[r]:offsets[r] + n].view(self.params[i].shape))
+            else:
+                theirs.append((i, recv[r * width + offsets[r]:r * width + offsets[r] + n].view(self.params[i].shape)))
+            offsets[r] += n
+        return {"send": send, "recv": recv, "mine": mine, "send_views": views,
+                "theirs": [i for i, _ in theirs], "recv_views": [v for _, v in theirs]}
+
     def gather_replicas(self) -> None:
-        """Every rank receives the parameters the owners updated (one all_gather per class)."""
-        for c in self.classes:
-            p0 = self.params[c.members[0]]
-            send = torch.zeros((c.slots, *p0.shape), dtype=p0.dtype, device=p0.device)
-            mine = c.owned[self.rank]
-            if mine:
-                torch._foreach_copy_(list(send[:len(mine)].unbind(0)), [self.params[i] for i in mine])
-            recv = torch.empty((self.world * c.slots, *p0.shape), dtype=p0.dtype, device=p0.device)
-            _all_gather(recv, send, group=self.group)
-            others = [(r * c.slots + k, i) for r in range(self.world) if r != self.rank
-                      for k, i in enumerate(c.owned[r])]
-            if others:
-                torch._foreach_copy_([self.params[i] for _, i in others], [recv[j] for j, _ in others])
+        """Every rank receives the parameters the owners updated."""
+        for plan in self.plans:
+            if plan["mine"]:
+                torch._foreach_copy_(plan["send_views"], [self.params[i] for i in plan["mine"]])
+            _all_gather(plan["recv"], plan["send"], group=self.group)
+            if plan["theirs"]:
+                torch._foreach_copy_([self.params[i] for i in plan["theirs"]], plan["recv_views"])
+
+    # ---------------------------------------------------------------- DTensor parameters
+
+    def _rows(self, i: int, rank: int) -> int:
+        """Rows of parameter i on `rank`: dim 0 split as torch.chunk splits it (FSDP2's Shard(0))."""
+        d0 = self.shapes[i][0] if len(self.shapes[i]) else 1
+        per = -(-d0 // self.world)
+        return min(per, max(0, d0 - rank * per))
+
+    def _row_size(self, i: int) -> int:
+        return math.prod(self.shapes[i][1:])
+
+    def _local(self, t, i: int) -> torch.Tensor:
+        local = t.to_local()
+        rows = self._rows(i, self.rank)
+        if local.shape[0] != rows or tuple(local.shape[1:]) != tuple(self.shapes[i][1:]):
+            raise ValueError(f"parameter {i}: its local shard has shape {tuple(local.shape)}, expected {rows} rows "
+                             f"of {tuple(self.shapes[i])} (dim 0 split as torch.chunk splits it over {self.world})")
+        return local
+
+    def _dtensor_plan(self, idx: list) -> dict:
+        """Flat buffers and their views for one dtype. In: [to rank 0 | to rank 1 | ...], each holding, for the
+        destination's parameters in order, (my rows of the parameter, my rows of the gradient). Out: [to rank 0 |
+        ...], each holding, for my parameters in order, the destination's rows of the updated proxy."""
+        p0 = self.params[idx[0]]
+        device, dtype = p0.to_local().device, p0.dtype
+        owned = [[i for i in idx if self.owners[i] == r] for r in range(self.world)]
+        mine = owned[self.rank]
+        size = {(i, r): self._rows(i, r) * self._row_size(i) for i in idx for r in range(self.world)}
+        # (start, length) of rank r's rows inside the flat parameter i
+        start = {(i, r): sum(size[i, k] for k in range(r)) for i in idx for r in range(self.world)}
+
+        in_send_split = [2 * sum(size[i, self.rank] for i in owned[o]) for o in range(self.world)]
+        in_recv_split = [2 * sum(size[i, j] for i in mine) for j in range(self.world)]
+        in_send = torch.zeros(sum(in_send_split), dtype=dtype, device=device)
+        in_recv = torch.empty(sum(in_recv_split), dtype=dtype, device=device)
+        send_items, send_param_views, send_grad_views, at = [], [], [], 0
+        for o in range(self.world):
+            for i in owned[o]:
+                n = size[i, self.rank]
+                send_items.append(i)
+                send_param_views.append(in_send[at:at + n])
+                send_grad_views.append(in_send[at + n:at + 2 * n])
+                at += 2 * n
+        full_views, piece_views, at = [], [], 0
+        for j in range(self.world):
+            for i in mine:
+                n, b = size[i, j], start[i, j]
+                flat, grad = self.proxies[i].view(-1), self.grad_buffers[i].view(-1)
+                full_views += [flat[b:b + n], grad[b:b + n]]
+                piece_views += [in_recv[at:at + n], in_recv[at + n:at + 2 * n]]
+                at += 2 * n
+
+        out_send_split = [sum(size[i, j] for i in mine) for j in range(self.world)]
+        out_recv_split = [sum(size[i, self.rank] for i in owned[o]) for o in range(self.world)]
+        out_send = torch.empty(sum(out_send_split), dtype=dtype, device=device)
+        out_recv = torch.empty(sum(out_recv_split), dtype=dtype, device=device)
+        proxy_rows, out_send_views, at = [], [], 0
+        for j in range(self.world):
+            for i in mine:
+                n, b = size[i, j], start[i, j]
+                proxy_rows.append(self.proxies[i].view(-1)[b:b + n])
+                out_send_views.append(out_send[at:at + n])
+                at += n
+        out_items, out_recv_views, at = [], [], 0
+        for o in range(self.world):
+            for i in owned[o]:
+                n = size[i, self.rank]
+                out_items.append(i)
+                out_recv_views.append(out_recv[at:at + n])
+                at += n
+        return {"mine": mine, "in": (in_recv, in_send, in_recv_split, in_send_split),
+                "send_items": send_items, "send_param_views": send_param_views, "send_grad_views": send_grad_views,
+                "full_views": full_views, "piece_views": piece_views,
+                "out": (out_recv, out_send, out_recv_split, out_send_split),
+                "proxy_rows": proxy_rows, "out_send_views": out_send_views,
+                "out_items": out_items, "out_recv_views": out_recv_views}
+
+    def gather_full(self) -> None:
+        """Each owner receives every rank's rows of its parameters and gradients, joined into the proxies (a
+        proxy's .grad is None where the parameter has none: FSDP2 gives every rank the same None-ness)."""
+        for plan in self.plans:
+            items = plan["send_items"]
+            params = [self._local(self.params[i], i).reshape(-1) for i in items]
+            torch._foreach_copy_(plan["send_param_views"], params)
+            with_grad = [k for k, i in enumerate(items) if self.params[i].grad is not None]
+            if with_grad:
+                torch._foreach_copy_([plan["send_grad_views"][k] for k in with_grad],
+                                     [self._local(self.params[items[k]].grad, items[k]).reshape(-1)
+                                      for k in with_grad])
+            if len(with_grad) < len(items):
+                torch._foreach_zero_([plan["send_grad_views"][k] for k in range(len(items)) if k not in with_grad])
+            recv, send, recv_split, send_split = plan["in"]
+            dist.all_to_all_single(recv, send, recv_split, send_split, group=self.group)
+            if plan["full_views"]:
+                torch._foreach_copy_(plan["full_views"], plan["piece_views"])
+            for i in plan["mine"]:
+                self.proxies[i].grad = None if self.params[i].grad is None else self.grad_buffers[i]
+
+    def scatter_shards(self) -> None:
+        """Every rank receives its rows of the parameters the owners updated."""
+        for plan in self.plans:
+            if plan["proxy_rows"]:
+                torch._foreach_copy_(plan["out_send_views"], plan["proxy_rows"])
+            recv, send, recv_split, send_split = plan["out"]
+            dist.all_to_all_single(recv, send, recv_split, send_split, group=self.group)
+            if plan["out_items"]:
+                torch._foreach_copy_([self._local(self.params[i], i).view(-1) for i in plan["out_items"]],
+                                     plan["out_recv_views"])
 
     # ---------------------------------------------------------------- the step
 
     def before_step(self) -> None:
+        self.check_unchanged()
         if self.dtensor:
             self.gather_full()
 

@@ -29,9 +29,9 @@ from .hyperparameters import checked_defaults, validate_param_group
 from .nvtx_ranges import nvtx_range
 from .orthogonalization import ORTHOGONALIZATIONS, full_precision_matmul
 from .planning import layout_of
-from .sharding import Exchange, assign_owners, check_same_parameters, is_dtensor, item_flops, shard_group
+from .sharding import Exchange, assign_owners, check_same_parameters, item_flops, shard_group
 from .state import StackedState, StateTable
-from .validation import state_dtype, validate_grad
+from .validation import is_dtensor, state_dtype, validate_grad
 
 
 
@@ -160,6 +160,8 @@ class CompiledSOAP(torch.optim.Optimizer):
         self._exchange = Exchange(self._params, [self._owner_of[p] for p in self._params], group)
         self._targets = self._exchange.targets()
         self._owned = [i for i, p in enumerate(self._params) if self._owner_of[p] == rank]
+        if self._owner.buckets:  # param groups added mid-run: the buckets now step new proxies
+            self._rebuild(self._owner.entries())
         self._plan_changed()
 
     def _plan_changed(self) -> None:

@@ -33,7 +33,7 @@ import torch
 from .checkpoint import (FORMAT_VERSION, check_and_convert, load_state_dict_with_hooks, saved_entry,
                          state_dict_with_hooks)
 from .hyperparameters import checked_defaults, validate_hyperparameters, validate_param_group
-from .validation import state_dtype, validate_grad
+from .validation import is_dtensor, state_dtype, validate_grad
 
 
 def _number(x: Any) -> Any:
@@ -95,6 +95,10 @@ class SOAP(torch.optim.Optimizer):
 
     def add_param_group(self, param_group: dict) -> None:
         validate_param_group(param_group, self.defaults)
+        if any(is_dtensor(p) for p in param_group["params"]):
+            # The reference is per-tensor math on whole matrices: a DTensor shard cannot be eigendecomposed alone.
+            raise ValueError("SOAP (the reference) steps whole, plain tensors; for FSDP2 (DTensor) parameters use "
+                             "CompiledSOAP, which gathers each parameter at its owner rank")
         super().add_param_group(param_group)
 
     def __getstate__(self) -> dict:

@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 
 from .planning import layout_of
-from .validation import state_dtype
+from .validation import is_dtensor, state_dtype
 
 ELEMENTWISE_FLOPS = 20  # per element and step: the Adam arithmetic, so that unfactored items weigh something too
 QR_FLOPS_PER_S3 = 8 / 3  # Householder geqrf + orgqr (orthogonalization.flops)
@@ -80,14 +80,6 @@ def assign_owners(costs: list, classes: list, world: int, loads: Optional[list] 
 
 
 # ------------------------------------------------------------------------------------------------------ groups
-
-
-def is_dtensor(t) -> bool:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # pragma: no cover (a torch built without distributed)
-        return False
-    return isinstance(t, DTensor)
 
 
 def shard_group(params: list, process_group):

@@ -11,6 +11,15 @@ import torch
 __all__ = ["validate_param", "validate_grad", "state_dtype"]
 
 
+def is_dtensor(t) -> bool:
+    """A torch.distributed DTensor (FSDP2's parameters and gradients)."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # a torch built without distributed
+        return False
+    return isinstance(t, DTensor)
+
+
 def validate_param(p: torch.Tensor) -> None:
     """Reject parameters SOAP cannot optimise, before any state exists."""
     if not isinstance(p, torch.Tensor):

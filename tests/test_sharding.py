@@ -382,3 +382,45 @@ def test_checkpoint_at_two_ranks_resumes_at_one_and_four(tmp_path, mode):
         _backward(model, 0, 1)
         opt.step()
     print(mode, _agree(uninterrupted, _params(model), _params(_model())))
+
+
+# ------------------------------------------------------------------------------------------------------ host logic
+
+
+def _late_group_worker(rank, world, folder, mode):
+    """The last layer joins as a second param group (own lr) after two calls; at call 3 the first bias has no
+    gradient on any rank (an unused parameter, as FSDP2 leaves it)."""
+    _init(rank, world, folder)
+    model = _model(mode)
+    report = _late_group_run(model, lambda m: _feed(m))
+    if rank == 0:
+        torch.save(report, os.path.join(folder, f"late-{mode}.pt"))
+    del model
+    dist.destroy_process_group()
+
+
+def _late_group_run(model, feed):
+    params = list(model.parameters())
+    opt = CompiledSOAP(params[:4], **HYPER)
+    for call in range(CALLS):
+        if call == 2:
+            opt.add_param_group({"params": params[4:], "lr": 1e-3})
+        opt.zero_grad()
+        feed(model)
+        if call == 3:
+            params[1].grad = None
+        opt.step()
+    return _params(model)
+
+
+@pytest.mark.parametrize("mode", ["replicated", "fsdp"])
+def test_late_param_group_and_missing_gradient(tmp_path, mode):
+    _spawn(_late_group_worker, str(tmp_path), 2, mode)
+    got = torch.load(tmp_path / f"late-{mode}.pt")
+
+    def feed(m):
+        _backward(m, 0, 1)
+
+    want = _late_group_run(_model(), feed)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    assert not torch.equal(got[1], _params(_model())[1])

@@ -225,6 +225,8 @@ class CompiledSOAP(torch.optim.Optimizer):
             if self._exchange is not None:
                 with nvtx_range("scatter"):
                     self._exchange.after_step()
+                if not self.state.held_elsewhere:  # gradients are alike on every rank: so is this
+                    self.state.held_elsewhere = any(p.grad is not None for p in self._params)
         self.last_step_kind = kind or ("init" if new else "none")
         return loss
 
@@ -388,6 +390,7 @@ class CompiledSOAP(torch.optim.Optimizer):
         self._groups_changed()
         self._setup_sharding()  # sharded: each rank keeps the entries of the parameters it owns
         index, owned = self._index_of, set(self._owned)
+        self.state.held_elsewhere = self._exchange is not None and any(index[p] not in owned for p in state)
         state = {index[p]: s for p, s in state.items() if index[p] in owned}
         self._owner.pre_init_skipped = {i: s["skipped"] for i, s in state.items() if "Q" not in s}
         self._rebuild({i: s for i, s in state.items() if "Q" in s})

@@ -67,6 +67,13 @@ class StateTable(defaultdict):
     def __init__(self, *args):
         super().__init__(None, *args)
         self.edited: set = set()
+        # Sharded: other ranks hold state although this one may hold none. Truthiness then answers "has the
+        # optimizer state?" for all ranks alike: torch.distributed.checkpoint runs a step to create state when
+        # `optimizer.state` is falsy, and a rank stepping alone would wait forever in the step's collectives.
+        self.held_elsewhere = False
+
+    def __bool__(self):
+        return self.held_elsewhere or dict.__len__(self) > 0
 
     def __missing__(self, key):
         entry = ParamState(self, key)

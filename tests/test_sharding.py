@@ -424,3 +424,33 @@ def test_late_param_group_and_missing_gradient(tmp_path, mode):
     want = _late_group_run(_model(), feed)
     assert all(torch.equal(a, b) for a, b in zip(got, want))
     assert not torch.equal(got[1], _params(_model())[1])
+
+
+def _idle_rank_worker(rank, world, folder):
+    """Three parameters over four ranks: one rank owns nothing. DCP's get_optimizer_state_dict steps an optimizer
+    whose `state` is falsy; that rank must not (the others would not join its collectives)."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    _init(rank, world, folder)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2, bias=False)).double()
+    opt = CompiledSOAP(model.parameters(), **HYPER)
+    for _ in range(2):
+        opt.zero_grad()
+        model(torch.ones(2, 4, dtype=torch.float64)).sum().backward()
+        opt.step()
+    opt.zero_grad()
+    owned = opt.owned_parameters()
+    state = get_optimizer_state_dict(model, opt)
+    torch.save({"owned": owned, "keys": sorted(state["state"]), "truthy": bool(opt.state)},
+               os.path.join(folder, f"idle{rank}.pt"))
+    del model, opt
+    dist.destroy_process_group()
+
+
+def test_a_rank_owning_nothing_does_not_hang_checkpointing(tmp_path):
+    _spawn(_idle_rank_worker, str(tmp_path), 4)
+    reports = [torch.load(tmp_path / f"idle{r}.pt") for r in range(4)]
+    assert sorted(len(r["owned"]) for r in reports) == [0, 1, 1, 1]
+    assert all(r["truthy"] for r in reports)
+    assert sum(len(r["keys"]) for r in reports) == 3

@@ -389,6 +389,15 @@ class CompiledSOAP(torch.optim.Optimizer):
         self._owner = StackedState()
         self._groups_changed()
         self._setup_sharding()  # sharded: each rank keeps the entries of the parameters it owns
+        saved_by, me = state_dict.get("shard"), None
+        if self._exchange is not None:
+            me = {"rank": self._exchange.rank, "world_size": self._exchange.world}
+        if saved_by is not None and saved_by != me:
+            where = "in one process" if me is None else f"on rank {me['rank']} of {me['world_size']}"
+            warnings.warn(f"loading {where} the state_dict of rank {saved_by.get('rank')} of "
+                          f"{saved_by.get('world_size')}: it holds that rank's parameters only, and the parameters "
+                          "it has no entry for start afresh. Load consolidated_state_dict() or merge_state_dicts() of "
+                          "every rank's state_dict instead.")
         index, owned = self._index_of, set(self._owned)
         self.state.held_elsewhere = self._exchange is not None and any(index[p] not in owned for p in state)
         state = {index[p]: s for p, s in state.items() if index[p] in owned}

@@ -27,6 +27,7 @@ import torch.multiprocessing as mp
 
 from compiled_soap import CompiledSOAP, factors_as_dicts, merge_state_dicts
 from compiled_soap.sharding import assign_owners, item_flops, state_bytes
+from tests.graph_checks import HostReadLog
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not available")
 
@@ -44,13 +45,17 @@ def _model(sharded: str | None = None):
     for a, b in zip(SIZES, SIZES[1:]):
         layers += [torch.nn.Linear(a, b), torch.nn.Tanh()]
     model = torch.nn.Sequential(*layers[:-1]).double()
-    if sharded == "fsdp":
+    if sharded in ("fsdp", "hsdp"):
+        from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
+        # HSDP: replicated over mesh dimension 0 (pairs of ranks), sharded within each pair
+        mesh = init_device_mesh("cpu", (dist.get_world_size() // 2, 2), mesh_dim_names=("replicate", "shard")) \
+            if sharded == "hsdp" else None
         for layer in model:
             if isinstance(layer, torch.nn.Linear):
-                fully_shard(layer)
-        fully_shard(model)
+                fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
     elif sharded == "ddp":
         model = torch.nn.parallel.DistributedDataParallel(model)
     return model
@@ -202,26 +207,55 @@ def test_merge_state_dicts_refuses_an_entry_in_two_shards():
         merge_state_dicts([full, halves[0]])
 
 
+def test_loading_one_ranks_shard_elsewhere_warns():
+    """A sharded state_dict holds one rank's parameters: loading it in one process (or on another rank layout)
+    silently restarting the others would lose state, so it says so; a merged one loads quietly."""
+    model = _model()
+    opt = CompiledSOAP(model.parameters(), **HYPER)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    opt.step()
+    full = opt.state_dict()
+    shard0 = {**full, "state": {k: v for k, v in full["state"].items() if k < 3}, "shard": {"rank": 0, "world_size": 2}}
+    shard1 = {**full, "state": {k: v for k, v in full["state"].items() if k >= 3}, "shard": {"rank": 1, "world_size": 2}}
+    fresh = CompiledSOAP(_model().parameters(), **HYPER)
+    with pytest.warns(UserWarning, match="rank 0 of 2: it holds that rank's parameters only"):
+        fresh.load_state_dict(shard0)
+    assert sorted(fresh.state_dict()["state"]) == [0, 1, 2]
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fresh.load_state_dict(merge_state_dicts([shard0, shard1]))
+    assert sorted(fresh.state_dict()["state"]) == sorted(full["state"])
+
+
 # ------------------------------------------------------------------------------------------------------ training
 
 
 def _train_worker(rank, world, folder, mode):
     _init(rank, world, folder)
-    model = _model("fsdp" if mode == "fsdp" else "ddp")
+    model = _model(mode if mode in ("fsdp", "hsdp") else "ddp")
     group = None
     if mode == "ddp-subgroup":  # HSDP-like: replicated over all ranks, SOAP's work sharded within pairs
         pairs = [dist.new_group([r, r + 1]) for r in range(0, world, 2)]
         group = pairs[rank // 2]
     opt = CompiledSOAP(model.parameters(), **HYPER, process_group=group)
     start = _params(model)
-    grads = []
-    for _ in range(CALLS):
+    grads, reads = [], []
+    for call in range(CALLS):
         opt.zero_grad()
         _backward(model, rank, world)
         grads.append([_full(p.grad) for p in model.parameters()])
-        opt.step()
+        if call < 2:  # the initialisation call, and the set-up of the buckets' host mirror
+            opt.step()
+            continue
+        with HostReadLog() as log:  # steady state: collectives and all, nothing read back from the device
+            opt.step()
+        reads += log.reads
     local = opt.state_dict()
     report = {"start": start, "grads": grads, "final": _params(model), "state_bytes": _state_bytes_of(local),
+              "host_reads": reads,
               "owned": sorted(local["state"]), "shard": local.get("shard"),
               "flops": sum(item_flops(p.shape, opt.param_groups[0]) for i, p in enumerate(model.parameters())
                            if i in local["state"])}
@@ -238,7 +272,8 @@ def _train_worker(rank, world, folder, mode):
     dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("mode,world", [("ddp", 2), ("fsdp", 2), ("ddp", 4), ("fsdp", 4), ("ddp-subgroup", 4)])
+@pytest.mark.parametrize("mode,world", [("ddp", 2), ("fsdp", 2), ("ddp", 4), ("fsdp", 4), ("ddp-subgroup", 4),
+                                        ("hsdp", 4)])
 def test_sharded_training_equals_single_process(tmp_path, mode, world):
     _spawn(_train_worker, str(tmp_path), world, mode)
     reports = [torch.load(tmp_path / f"{mode}{world}-rank{r}.pt") for r in range(world)]
@@ -246,11 +281,12 @@ def test_sharded_training_equals_single_process(tmp_path, mode, world):
         assert all(torch.equal(a, b) for a, b in zip(r["final"], reports[0]["final"]))
         assert all(torch.equal(a, b) for call, other in zip(r["grads"], reports[0]["grads"]) for a, b in
                    zip(call, other))
+    assert [r["host_reads"] for r in reports] == [[]] * world
     want, single = _single_process(reports[0]["grads"])
     print(mode, world, _agree(reports[0]["final"], want, reports[0]["start"]))
 
     # Each parameter is owned by exactly one rank of its group; per rank, state bytes and FLOPs within the bound.
-    shard_world = 2 if mode == "ddp-subgroup" else world
+    shard_world = 2 if mode in ("ddp-subgroup", "hsdp") else world
     per_group = [reports[g:g + shard_world] for g in range(0, world, shard_world)]
     full = single.state_dict()
     total_bytes, n_params = _state_bytes_of(full), len(full["state"])

@@ -360,8 +360,9 @@ class CompiledSOAP(torch.optim.Optimizer):
         state.update({i: {"skipped": n} for i, n in self._owner.pre_init_skipped.items() if n})
         out = {"state": dict(sorted(state.items())), "param_groups": self._packed_groups(),
                "format_version": FORMAT_VERSION}
-        if self._exchange is not None:  # the entries of this rank's parameters only
-            out["shard"] = {"rank": self._exchange.rank, "world_size": self._exchange.world}
+        if self._exchange is not None:  # the entries of this rank's parameters only, and who owns the others
+            out["shard"] = {"rank": self._exchange.rank, "world_size": self._exchange.world,
+                            "owners": list(self._exchange.owners)}
         return out
 
     def consolidated_state_dict(self) -> dict:
@@ -389,10 +390,18 @@ class CompiledSOAP(torch.optim.Optimizer):
         self._owner = StackedState()
         self._groups_changed()
         self._setup_sharding()  # sharded: each rank keeps the entries of the parameters it owns
-        saved_by, me = state_dict.get("shard"), None
+        saved_by = state_dict.get("shard")
+        if self._exchange is not None and _same_world_owners(saved_by, self._exchange) is not None:
+            # Shards saved at this world size: keep their owners (ownership depends on the order parameters
+            # joined, e.g. a param group added mid-run), so each rank's shard holds what that rank will own.
+            owners = _same_world_owners(saved_by, self._exchange)
+            self._owner_of = dict(zip(self._params, owners))
+            self._sharding_ready = False
+            self._setup_sharding()
+        me = None
         if self._exchange is not None:
             me = {"rank": self._exchange.rank, "world_size": self._exchange.world}
-        if saved_by is not None and saved_by != me:
+        if saved_by is not None and {k: saved_by.get(k) for k in ("rank", "world_size")} != me:
             where = "in one process" if me is None else f"on rank {me['rank']} of {me['world_size']}"
             warnings.warn(f"loading {where} the state_dict of rank {saved_by.get('rank')} of "
                           f"{saved_by.get('world_size')}: it holds that rank's parameters only, and the parameters "
@@ -433,6 +442,20 @@ def merge_state_dicts(shards: list) -> dict:
             state[pid] = entry
     merged = {k: v for k, v in shards[0].items() if k != "shard"}
     return {**merged, "state": dict(sorted(state.items(), key=lambda kv: (type(kv[0]).__name__, kv[0])))}
+
+
+def _same_world_owners(saved_by, exchange) -> Optional[list]:
+    """The owners a sharded state_dict was saved with, if they apply here (same world size, same parameter count,
+    and not what this optimizer has already); else None."""
+    if not isinstance(saved_by, dict) or saved_by.get("world_size") != exchange.world:
+        return None
+    owners = saved_by.get("owners")
+    if not isinstance(owners, list) or len(owners) != len(exchange.owners) or owners == list(exchange.owners):
+        return None
+    if not all(isinstance(r, int) and 0 <= r < exchange.world for r in owners):
+        raise ValueError(f"cannot load SOAP state_dict: its shard owners {owners!r} are not ranks of a "
+                         f"{exchange.world}-rank group")
+    return owners
 
 
 def _to_cpu(state_dict: dict) -> dict:

@@ -14,6 +14,7 @@ model and the optimizer (get_optimizer_state_dict, flattened through `factors_as
 
 from __future__ import annotations
 
+import copy
 import datetime
 import math
 import os
@@ -436,6 +437,8 @@ def _late_group_worker(rank, world, folder, mode):
 
 
 def _late_group_run(model, feed):
+    """Returns the parameters after CALLS calls, and whether a deep copy of the optimizer then steps its copies of
+    the parameters exactly like the original steps the model's (sharded: the copy sets up its own sharding)."""
     params = list(model.parameters())
     opt = CompiledSOAP(params[:4], **HYPER)
     for call in range(CALLS):
@@ -446,7 +449,15 @@ def _late_group_run(model, feed):
         if call == 3:
             params[1].grad = None
         opt.step()
-    return _params(model)
+    twin = copy.deepcopy(opt)
+    twin_params = [p for g in twin.param_groups for p in g["params"]]
+    opt.zero_grad()
+    feed(model)
+    for p, q in zip(params, twin_params):
+        q.grad = p.grad.clone()
+    opt.step()
+    twin.step()
+    return _params(model), all(torch.equal(_full(p), _full(q)) for p, q in zip(params, twin_params))
 
 
 @pytest.mark.parametrize("mode", ["replicated", "fsdp"])
@@ -457,9 +468,11 @@ def test_late_param_group_and_missing_gradient(tmp_path, mode):
     def feed(m):
         _backward(m, 0, 1)
 
-    want = _late_group_run(_model(), feed)
+    want, _ = _late_group_run(_model(), feed)
+    (got, twin_equal) = got
     assert all(torch.equal(a, b) for a, b in zip(got, want))
     assert not torch.equal(got[1], _params(_model())[1])
+    assert twin_equal
 
 
 def _idle_rank_worker(rank, world, folder):

@@ -8,7 +8,8 @@ parameters have none unless precondition_1d):
   * plain step: reference 5 units (project G, project back, momentum back and forth, factor update);
     batched/compiled 3 units (momentum rotated only when Q changes).
   * refresh step: 5 units for both (the batched path adds the 2 momentum rotations back), plus per factor
-    M·Q = 2s³ and a Householder QR ≈ (4/3)s³.
+    M·Q = 2s³ and a Householder QR that forms Q, (8/3)s³: geqrf (4/3)s³ plus orgqr (4/3)s³, as
+    compiled_soap.orthogonalization.flops and the sharding planner (compiled_soap.sharding.item_flops) count it.
 Not counted: elementwise Adam math, norms, sorting and index_select, and the reference's extra Qᵀ(M Q) matmul for the
 eigenvalue estimate (the model reuses P = M·Q for diag(QᵀMQ), docs/design.md §3-4). AdamW does no matmul: its FLOPs are None.
 """
@@ -17,7 +18,7 @@ from __future__ import annotations
 
 PLAIN_UNITS = {"reference": 5, "batched": 3}
 REFRESH_UNITS = 5
-QR_FLOPS_PER_S3 = 4.0 / 3.0
+QR_FLOPS_PER_S3 = 8.0 / 3.0  # geqrf + orgqr
 MQ_FLOPS_PER_S3 = 2.0
 
 

@@ -8,14 +8,11 @@ cost) are dealt out floor(n/W) per rank, and the remaining ones one at a time to
 classes first. A rank's load is then at most total/W plus the largest item (list scheduling's bound: the last item a
 rank took came to it when it was the least loaded, i.e. at or below the mean).
 
-The collectives run directly around the compiled step, not inside it: the graph stays exactly the single-process
-graph of the rank's own buckets (same plans whatever W, no recompilation when the world changes), and it is the same
-code on gloo, where this is tested, and NCCL. Per class of same-shape, same-dtype parameters, one collective:
-- replicated parameters (DDP, or plain tensors on every rank): after the step, `all_gather_into_tensor` of the
-  owners' updated parameters, stacked, m slots per rank (m = the most items of the class any rank owns);
-- DTensor parameters sharded on dim 0 (FSDP2): before the step, one `all_to_all_single` gives each owner every
-  rank's dim-0 shard of its items' parameters and gradients, which it joins into full tensors ("proxies" the shell
-  treats as its parameters); after the step, one `all_to_all_single` returns to every rank its rows of the update.
+The collectives run directly around the compiled step, not inside it (docs/distributed.md §2 says why): the graph
+stays exactly the single-process graph of the rank's own buckets. Per dtype, one collective per direction (see
+`Exchange`): an all_gather of the owners' updated parameters when they are replicated (DDP); for DTensor parameters
+sharded on dim 0 (FSDP2), an all_to_all gathering each owner's full parameters and gradients into "proxies" the
+shell steps in their place, and one returning every rank its rows of the update.
 """
 
 from __future__ import annotations

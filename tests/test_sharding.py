@@ -108,14 +108,17 @@ def _state_bytes_of(state_dict) -> int:
     return sum(t.numel() * t.element_size() for t in leaves if isinstance(t, torch.Tensor))
 
 
-def _single_process(grads, state=None, params=None):
+TRACED = {"compile": True, "backend": "aot_eager"}  # the compiled step's graphs, traced (Inductor takes minutes here)
+
+
+def _single_process(grads, state=None, params=None, **options):
     """An unsharded CompiledSOAP fed `grads` (one list per call); optionally from saved parameters and state."""
     model = _model()
     if params is not None:
         with torch.no_grad():
             for p, v in zip(model.parameters(), params):
                 p.copy_(v)
-    opt = CompiledSOAP(model.parameters(), **HYPER)
+    opt = CompiledSOAP(model.parameters(), **{**HYPER, **options})
     if state is not None:
         opt.load_state_dict(state)
     for call in grads:
@@ -236,12 +239,14 @@ def test_loading_one_ranks_shard_elsewhere_warns():
 
 def _train_worker(rank, world, folder, mode):
     _init(rank, world, folder)
+    traced = mode.endswith("-traced")
+    mode = mode.removesuffix("-traced")
     model = _model(mode if mode in ("fsdp", "hsdp") else "ddp")
     group = None
     if mode == "ddp-subgroup":  # HSDP-like: replicated over all ranks, SOAP's work sharded within pairs
         pairs = [dist.new_group([r, r + 1]) for r in range(0, world, 2)]
         group = pairs[rank // 2]
-    opt = CompiledSOAP(model.parameters(), **HYPER, process_group=group)
+    opt = CompiledSOAP(model.parameters(), **{**HYPER, **(TRACED if traced else {})}, process_group=group)
     start = _params(model)
     grads, reads = [], []
     for call in range(CALLS):
@@ -268,13 +273,14 @@ def _train_worker(rank, world, folder, mode):
             wrong.step()
         except ValueError as e:
             report["subset_error"] = str(e)
-    torch.save(report, os.path.join(folder, f"{mode}{world}-rank{rank}.pt"))
+    report["graphs"] = torch._dynamo.utils.counters["stats"]["unique_graphs"] if traced else None
+    torch.save(report, os.path.join(folder, f"{mode}{'-traced' if traced else ''}{world}-rank{rank}.pt"))
     del model, opt
     dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("mode,world", [("ddp", 2), ("fsdp", 2), ("ddp", 4), ("fsdp", 4), ("ddp-subgroup", 4),
-                                        ("hsdp", 4)])
+                                        ("hsdp", 4), ("fsdp-traced", 2)])
 def test_sharded_training_equals_single_process(tmp_path, mode, world):
     _spawn(_train_worker, str(tmp_path), world, mode)
     reports = [torch.load(tmp_path / f"{mode}{world}-rank{r}.pt") for r in range(world)]
@@ -283,10 +289,12 @@ def test_sharded_training_equals_single_process(tmp_path, mode, world):
         assert all(torch.equal(a, b) for call, other in zip(r["grads"], reports[0]["grads"]) for a, b in
                    zip(call, other))
     assert [r["host_reads"] for r in reports] == [[]] * world
-    want, single = _single_process(reports[0]["grads"])
+    want, single = _single_process(reports[0]["grads"], **(TRACED if mode.endswith("-traced") else {}))
     print(mode, world, _agree(reports[0]["final"], want, reports[0]["start"]))
 
     # Each parameter is owned by exactly one rank of its group; per rank, state bytes and FLOPs within the bound.
+    if mode.endswith("-traced"):  # one plain and one refresh graph per rank, whatever the steps
+        assert [r["graphs"] for r in reports] == [2] * world
     shard_world = 2 if mode in ("ddp-subgroup", "hsdp") else world
     per_group = [reports[g:g + shard_world] for g in range(0, world, shard_world)]
     full = single.state_dict()
@@ -297,7 +305,10 @@ def test_sharded_training_equals_single_process(tmp_path, mode, world):
     for ranks in per_group:
         owned = sorted(i for r in ranks for i in r["owned"])
         assert owned == list(range(n_params))
-        assert [r["shard"] for r in ranks] == [{"rank": k, "world_size": shard_world} for k in range(shard_world)]
+        assert [(r["shard"]["rank"], r["shard"]["world_size"]) for r in ranks] == \
+            [(k, shard_world) for k in range(shard_world)]
+        for k, r in enumerate(ranks):  # the recorded owners say which entries each rank holds
+            assert [i for i, o in enumerate(r["shard"]["owners"]) if o == k] == r["owned"]
         for r in ranks:
             assert r["state_bytes"] <= total_bytes / shard_world + max(item_bytes)
             assert r["flops"] <= sum(item_cost) / shard_world + max(item_cost)

@@ -3,8 +3,8 @@
 `SOAP` is the eager per-parameter reference; `CompiledSOAP` is the fast path that computes the same thing.
 """
 
-from .checkpoint import factors_as_dicts
-from .compiled import CompiledSOAP, merge_state_dicts
+from .checkpoint import factors_as_dicts, merge_state_dicts
+from .compiled import CompiledSOAP
 from .reference import SOAP
 
 __all__ = ["SOAP", "CompiledSOAP", "merge_state_dicts", "factors_as_dicts"]

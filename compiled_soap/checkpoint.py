@@ -95,6 +95,23 @@ def saved_entry(entry: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def merge_state_dicts(shards: list) -> dict:
+    """One state_dict from the `state_dict()`s of all the ranks of a sharded CompiledSOAP (each holds its own
+    parameters' entries): loads at any world size, or in one process."""
+    if not shards:
+        raise ValueError("merge_state_dicts: no state_dicts given")
+    state = {}
+    for shard in shards:
+        for pid, entry in shard["state"].items():
+            if pid in state and "Q" in state[pid]:
+                if "Q" in entry:
+                    raise ValueError(f"merge_state_dicts: parameter {pid!r} has state in two shards")
+                continue
+            state[pid] = entry
+    merged = {k: v for k, v in shards[0].items() if k != "shard"}
+    return {**merged, "state": dict(sorted(state.items(), key=lambda kv: (type(kv[0]).__name__, kv[0])))}
+
+
 # ------------------------------------------------------------------------------------------------------ hooks
 
 

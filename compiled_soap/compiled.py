@@ -8,6 +8,9 @@ per plan and refresh pattern (`compilation`); on CUDA with mode="reduce-overhead
 Which buckets refresh is decided on the host from what the host knows exactly: each parameter's refresh clock
 counts the calls in which it had a gradient (docs/spec.md §8), so no device value is ever read in steady state.
 State is owned by `state.StackedState`.
+
+With torch.distributed, each parameter has one owner rank (`ownership`) that alone keeps its state and steps it;
+`sharding.Exchange` brings the owners what they need before the graph and everyone the result after it.
 """
 
 from __future__ import annotations
@@ -21,17 +24,18 @@ import torch
 import torch.distributed as dist
 
 from . import stacked
-from .checkpoint import FORMAT_VERSION, check_and_convert, load_state_dict_with_hooks, saved_entry, \
-    state_dict_with_hooks
+from .checkpoint import FORMAT_VERSION, check_and_convert, load_state_dict_with_hooks, merge_state_dicts, \
+    saved_entry, state_dict_with_hooks
 from .compilation import StepCompiler
 from .hyper_table import HyperTable, copy_from_host
 from .hyperparameters import checked_defaults, validate_param_group
 from .nvtx_ranges import nvtx_range
 from .orthogonalization import ORTHOGONALIZATIONS, full_precision_matmul
 from .planning import layout_of
-from .sharding import Exchange, assign_owners, check_same_parameters, item_flops, shard_group
+from .ownership import plan_ownership, saved_owners
+from .sharding import Exchange, check_same_parameters, decide_group
 from .state import StackedState, StateTable
-from .validation import is_dtensor, state_dtype, validate_grad
+from .validation import state_dtype, validate_grad
 
 
 
@@ -128,38 +132,26 @@ class CompiledSOAP(torch.optim.Optimizer):
         self._owned = list(range(len(self._params)))
         self._plan_changed()
 
-    def _setup_sharding(self) -> None:
-        """Decide who owns which parameter (`sharding`), once per change of the param groups. Collective."""
+    def _setup_sharding(self, saved_by: Optional[dict] = None) -> None:
+        """Decide who owns which parameter (`sharding`), once per change of the param groups: collective. A
+        sharded checkpoint's record (`saved_by`, its "shard" entry) gives the owners when it applies."""
         if self._sharding_ready:
             return
         self._sharding_ready = True
-        shard = self._options["shard"]
-        if shard is None:  # DTensor parameters are only ever stepped sharded (whatever the group's size)
-            shard = any(is_dtensor(p) for p in self._params) or (dist.is_available() and dist.is_initialized() and
-                    dist.get_world_size(shard_group(self._params, self._options["process_group"])) > 1)
-        if not shard:
-            if any(is_dtensor(p) for p in self._params):
-                raise ValueError("CompiledSOAP(shard=False) cannot step DTensor parameters: leave shard at its "
-                                 "default (or True) under FSDP2")
+        group = decide_group(self._params, self._options["shard"], self._options["process_group"])
+        if group is None:
             return
-        if not (dist.is_available() and dist.is_initialized()):
-            raise RuntimeError("CompiledSOAP(shard=True) needs torch.distributed initialised")
-        group = shard_group(self._params, self._options["process_group"])
         check_same_parameters(self._params, group)
         world, rank = dist.get_world_size(group), dist.get_rank(group)
-        costs = [item_flops(p.shape, self.param_groups[gi]) for p, gi in zip(self._params, self._group_index)]
-        loads = [0.0] * world
-        for i, p in enumerate(self._params):
-            if p in self._owner_of:
-                loads[self._owner_of[p]] += costs[i]
-        new = [i for i, p in enumerate(self._params) if p not in self._owner_of]
-        owners = assign_owners([costs[i] for i in new],
-                               [(tuple(self._params[i].shape), self._params[i].dtype, costs[i]) for i in new],
-                               world, loads)
-        self._owner_of.update((self._params[i], r) for i, r in zip(new, owners))
-        self._exchange = Exchange(self._params, [self._owner_of[p] for p in self._params], group)
+        recorded = saved_owners(saved_by, world, len(self._params))
+        if recorded is not None:  # ownership depends on history (late param groups): a rank's shard needs its own
+            self._owner_of = dict(zip(self._params, recorded))
+        owners = plan_ownership(self._params, [self.param_groups[gi] for gi in self._group_index], self._owner_of,
+                                world)
+        self._owner_of = dict(zip(self._params, owners))
+        self._exchange = Exchange(self._params, owners, group)
         self._targets = self._exchange.targets()
-        self._owned = [i for i, p in enumerate(self._params) if self._owner_of[p] == rank]
+        self._owned = [i for i, r in enumerate(owners) if r == rank]
         if self._owner.buckets:  # param groups added mid-run: the buckets now step new proxies
             self._rebuild(self._owner.entries())
         self._plan_changed()
@@ -371,9 +363,7 @@ class CompiledSOAP(torch.optim.Optimizer):
         local = self.state_dict()
         if self._exchange is None:
             return local
-        shards = [None] * self._exchange.world
-        dist.all_gather_object(shards, _to_cpu(local), group=self._exchange.group)
-        return merge_state_dicts(shards)
+        return merge_state_dicts(self._exchange.gather_objects(local))
 
     def _packed_groups(self) -> list:
         """param_groups as a checkpoint stores them: parameters as their index over all groups."""
@@ -389,77 +379,52 @@ class CompiledSOAP(torch.optim.Optimizer):
         self.param_groups = groups
         self._owner = StackedState()
         self._groups_changed()
-        self._setup_sharding()  # sharded: each rank keeps the entries of the parameters it owns
-        saved_by = state_dict.get("shard")
-        if self._exchange is not None and _same_world_owners(saved_by, self._exchange) is not None:
-            # Shards saved at this world size: keep their owners (ownership depends on the order parameters
-            # joined, e.g. a param group added mid-run), so each rank's shard holds what that rank will own.
-            owners = _same_world_owners(saved_by, self._exchange)
-            self._owner_of = dict(zip(self._params, owners))
-            self._sharding_ready = False
-            self._setup_sharding()
-        me = None
-        if self._exchange is not None:
-            me = {"rank": self._exchange.rank, "world_size": self._exchange.world}
-        if saved_by is not None and {k: saved_by.get(k) for k in ("rank", "world_size")} != me:
-            where = "in one process" if me is None else f"on rank {me['rank']} of {me['world_size']}"
-            warnings.warn(f"loading {where} the state_dict of rank {saved_by.get('rank')} of "
-                          f"{saved_by.get('world_size')}: it holds that rank's parameters only, and the parameters "
-                          "it has no entry for start afresh. Load consolidated_state_dict() or merge_state_dicts() of "
-                          "every rank's state_dict instead.")
+        self._setup_sharding(state_dict.get("shard"))  # sharded: each rank keeps the entries of what it owns
+        self._warn_if_another_ranks_shard(state_dict.get("shard"))
         index, owned = self._index_of, set(self._owned)
         self.state.held_elsewhere = self._exchange is not None and any(index[p] not in owned for p in state)
         state = {index[p]: s for p, s in state.items() if index[p] in owned}
         self._owner.pre_init_skipped = {i: s["skipped"] for i, s in state.items() if "Q" not in s}
         self._rebuild({i: s for i, s in state.items() if "Q" in s})
 
+    def _warn_if_another_ranks_shard(self, saved_by) -> None:
+        me = None if self._exchange is None else {"rank": self._exchange.rank, "world_size": self._exchange.world}
+        if saved_by is None or {k: saved_by.get(k) for k in ("rank", "world_size")} == me:
+            return
+        where = "in one process" if me is None else f"on rank {me['rank']} of {me['world_size']}"
+        warnings.warn(f"loading {where} the state_dict of rank {saved_by.get('rank')} of {saved_by.get('world_size')}:"
+                      " it holds that rank's parameters only, and the parameters it has no entry for start afresh. "
+                      "Load consolidated_state_dict() or merge_state_dicts() of every rank's state_dict instead.")
+
     def load_state_dict(self, state_dict: dict) -> None:
         load_state_dict_with_hooks(self, state_dict, self._load_state_dict)
 
     def __getstate__(self) -> dict:
-        # Compiled functions cannot be copied or pickled: a copy is rebuilt from the checkpoint layout. A process
-        # group cannot be copied either: a copy shards over the default choice (and runs collectives when used).
-        return {"param_groups": self.param_groups, "defaults": self.defaults,
-                "options": {**self._options, "process_group": None}, "state_dict": self._state_dict()}
+        # Compiled functions cannot be copied or pickled: a copy is rebuilt from the checkpoint layout. A deep copy
+        # shares the process group; a pickle drops it (the copy shards over the default choice).
+        return {"param_groups": self.param_groups, "defaults": self.defaults, "state_dict": self._state_dict(),
+                "options": {**self._options, "process_group": _Shared(self._options["process_group"])}}
 
     def __setstate__(self, state: dict) -> None:
-        CompiledSOAP.__init__(self, state["param_groups"], **state["defaults"], **state["options"])
+        options = {**state["options"]}
+        if isinstance(options["process_group"], _Shared):
+            options["process_group"] = options["process_group"].obj
+        CompiledSOAP.__init__(self, state["param_groups"], **state["defaults"], **options)
         self._load_state_dict(state["state_dict"])
 
 
-def merge_state_dicts(shards: list) -> dict:
-    """One state_dict from the `state_dict()`s of all the ranks of a sharded CompiledSOAP (each holds its own
-    parameters' entries): loads at any world size, or in one process."""
-    if not shards:
-        raise ValueError("merge_state_dicts: no state_dicts given")
-    state = {}
-    for shard in shards:
-        for pid, entry in shard["state"].items():
-            if pid in state and "Q" in state[pid]:
-                if "Q" in entry:
-                    raise ValueError(f"merge_state_dicts: parameter {pid!r} has state in two shards")
-                continue
-            state[pid] = entry
-    merged = {k: v for k, v in shards[0].items() if k != "shard"}
-    return {**merged, "state": dict(sorted(state.items(), key=lambda kv: (type(kv[0]).__name__, kv[0])))}
+class _Shared:
+    """An object that copies of an optimizer share rather than copy (its process group): deepcopy keeps it,
+    pickling drops it."""
 
+    def __init__(self, obj):
+        self.obj = obj
 
-def _same_world_owners(saved_by, exchange) -> Optional[list]:
-    """The owners a sharded state_dict was saved with, if they apply here (same world size, same parameter count,
-    and not what this optimizer has already); else None."""
-    if not isinstance(saved_by, dict) or saved_by.get("world_size") != exchange.world:
-        return None
-    owners = saved_by.get("owners")
-    if not isinstance(owners, list) or len(owners) != len(exchange.owners) or owners == list(exchange.owners):
-        return None
-    if not all(isinstance(r, int) and 0 <= r < exchange.world for r in owners):
-        raise ValueError(f"cannot load SOAP state_dict: its shard owners {owners!r} are not ranks of a "
-                         f"{exchange.world}-rank group")
-    return owners
+    def __deepcopy__(self, memo):
+        return self
 
-
-def _to_cpu(state_dict: dict) -> dict:
-    return torch.utils._pytree.tree_map(lambda x: x.cpu() if isinstance(x, torch.Tensor) else x, state_dict)
+    def __reduce__(self):
+        return (_Shared, (None,))
 
 
 def _factor_sizes(p: torch.Tensor, group: dict) -> list:

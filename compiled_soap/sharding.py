@@ -1,12 +1,5 @@
-"""Sharding over ranks: which rank owns which parameter (planning), and the collectives around the step.
-
-Every parameter ("item") has one owner among the W ranks of a process group. The owner keeps the item's whole SOAP
-state and runs its whole step, plain and refresh; the other ranks keep nothing for it (docs/distributed.md).
-
-Ownership is planned from the cost model (docs/design.md §4): items of one class (same shape, dtype and amortised
-cost) are dealt out floor(n/W) per rank, and the remaining ones one at a time to the least-loaded rank, the costliest
-classes first. A rank's load is then at most total/W plus the largest item (list scheduling's bound: the last item a
-rank took came to it when it was the least loaded, i.e. at or below the mean).
+"""Sharding over ranks: the process group, and the collectives that move parameters (and, for FSDP2, gradients)
+between their owners (`ownership`) and every other rank.
 
 The collectives run directly around the compiled step, not inside it (docs/distributed.md §2 says why): the graph
 stays exactly the single-process graph of the rank's own buckets. Per dtype, one collective per direction (see
@@ -24,59 +17,29 @@ from typing import NamedTuple, Optional
 import torch
 import torch.distributed as dist
 
-from .planning import layout_of
-from .validation import is_dtensor, state_dtype
+from .validation import is_dtensor
 
-ELEMENTWISE_FLOPS = 20  # per element and step: the Adam arithmetic, so that unfactored items weigh something too
-QR_FLOPS_PER_S3 = 8 / 3  # Householder geqrf + orgqr (orthogonalization.flops)
 # all_gather_into_tensor was renamed all_gather_single (torch 2.13); torch 2.11 has only the old name
 _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
-# ------------------------------------------------------------------------------------------------------ planning
-
-
-def item_flops(shape, group: dict) -> float:
-    """Amortised FLOPs of one item's step (docs/design.md §4): 3 units per plain step; a refresh, once every
-    precondition_frequency calls, 2 units more plus F·Q (2 s³) and the QR per factor."""
-    layout = layout_of(tuple(shape), group)
-    n = math.prod(layout.shape)
-    sizes = [s for s in layout.factor_sizes if s]
-    unit = sum(2 * s * n for s in sizes)
-    refresh = 2 * unit + sum((2 + QR_FLOPS_PER_S3) * s ** 3 for s in sizes)
-    return 3 * unit + refresh / group["precondition_frequency"] + ELEMENTWISE_FLOPS * n
-
-
-def state_bytes(shape, dtype: torch.dtype, group: dict) -> int:
-    """Bytes of one item's SOAP state: both moments, and a factor and an eigenbasis per factored axis."""
-    layout = layout_of(tuple(shape), group)
-    n = math.prod(layout.shape)
-    return (2 * n + 2 * sum(s * s for s in layout.factor_sizes if s)) * state_dtype(dtype).itemsize
-
-
-def assign_owners(costs: list, classes: list, world: int, loads: Optional[list] = None) -> list:
-    """Owner rank of each item. Items with equal `classes` entries are interchangeable (same cost); `loads` are the
-    ranks' loads before these items (items already owned keep their owners: state never moves)."""
-    loads = list(loads) if loads is not None else [0.0] * world
-    members: dict = defaultdict(list)
-    for i, c in enumerate(classes):
-        members[c].append(i)
-    owners = [0] * len(costs)
-    for c in sorted(members, key=lambda c: (-costs[members[c][0]], members[c][0])):
-        idx, cost = members[c], costs[members[c][0]]
-        per_rank = len(idx) // world
-        for r in range(world):
-            for i in idx[r * per_rank:(r + 1) * per_rank]:
-                owners[i] = r
-            loads[r] += per_rank * cost
-        for i in idx[world * per_rank:]:
-            r = min(range(world), key=lambda k: (loads[k], k))
-            owners[i] = r
-            loads[r] += cost
-    return owners
-
-
 # ------------------------------------------------------------------------------------------------------ groups
+
+
+def decide_group(params: list, shard: Optional[bool], process_group):
+    """The process group to shard over, or None for no sharding (CompiledSOAP's `shard` argument). Local."""
+    dtensor = any(is_dtensor(p) for p in params)
+    if shard is None:  # DTensor parameters are only ever stepped sharded, whatever the group's size
+        shard = dtensor or (dist.is_available() and dist.is_initialized() and
+                            dist.get_world_size(shard_group(params, process_group)) > 1)
+    if not shard:
+        if dtensor:
+            raise ValueError("CompiledSOAP(shard=False) cannot step DTensor parameters: leave shard at its default "
+                             "(or True) under FSDP2")
+        return None
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError("CompiledSOAP(shard=True) needs torch.distributed initialised")
+    return shard_group(params, process_group)
 
 
 def shard_group(params: list, process_group):
@@ -330,6 +293,13 @@ class Exchange:
             if plan["out_items"]:
                 torch._foreach_copy_([self._local(self.params[i], i).view(-1) for i in plan["out_items"]],
                                      plan["out_recv_views"])
+
+    def gather_objects(self, state_dict: dict) -> list:
+        """Every rank's `state_dict` (tensors moved to the CPU first), on every rank."""
+        on_cpu = torch.utils._pytree.tree_map(lambda x: x.cpu() if isinstance(x, torch.Tensor) else x, state_dict)
+        out = [None] * self.world
+        dist.all_gather_object(out, on_cpu, group=self.group)
+        return out
 
     # ---------------------------------------------------------------- the step
 

@@ -15,8 +15,8 @@ Linear, fp32, MSE loss on a fixed random batch split over the ranks):
 
 Per case and W it reports
 - state: bytes of the tensors in each rank's `optimizer.state_dict()` (max over ranks), next to total/W and the bound
-  total/W + the largest item (total and items from `compiled_soap.sharding.state_bytes` over the model's parameters);
-- FLOPs: per rank the sum of `compiled_soap.sharding.item_flops` (amortised at the precondition frequency) over
+  total/W + the largest item (total and items from `compiled_soap.ownership.state_bytes` over the model's parameters);
+- FLOPs: per rank the sum of `compiled_soap.ownership.item_flops` (amortised at the precondition frequency) over
   `optimizer.owned_parameters()` (max over ranks), next to total/W and total/W + the costliest item;
 - exchange: bytes each rank sends to the others per step in CompiledSOAP's collectives, counted from the buffers
   it hands to them during the timed steps (the wrappers' own traffic is not counted), next to what must move
@@ -52,7 +52,7 @@ import torch.multiprocessing as mp
 from compiled_soap import CompiledSOAP
 from compiled_soap import sharding
 from compiled_soap.hyperparameters import DEFAULTS
-from compiled_soap.sharding import item_flops, state_bytes
+from compiled_soap.ownership import item_flops, state_bytes
 
 CASES = (("ddp", None), ("ddp", False), ("fsdp2", None))  # (wrapper, CompiledSOAP's shard argument)
 TIMEOUT = datetime.timedelta(seconds=120)

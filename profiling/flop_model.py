@@ -9,7 +9,7 @@ parameters have none unless precondition_1d):
     batched/compiled 3 units (momentum rotated only when Q changes).
   * refresh step: 5 units for both (the batched path adds the 2 momentum rotations back), plus per factor
     M·Q = 2s³ and a Householder QR that forms Q, (8/3)s³: geqrf (4/3)s³ plus orgqr (4/3)s³, as
-    compiled_soap.orthogonalization.flops and the sharding planner (compiled_soap.sharding.item_flops) count it.
+    compiled_soap.orthogonalization.flops and the sharding planner (compiled_soap.ownership.item_flops) count it.
 Not counted: elementwise Adam math, norms, sorting and index_select, and the reference's extra Qᵀ(M Q) matmul for the
 eigenvalue estimate (the model reuses P = M·Q for diag(QᵀMQ), docs/design.md §3-4). AdamW does no matmul: its FLOPs are None.
 """

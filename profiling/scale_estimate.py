@@ -7,14 +7,14 @@ about 1.1 billion parameters), all of one dtype (fp32 or bf16: the owners, and s
 bytes are elements times 4 or 2). What is modelled, after compiled_soap/sharding.py:
 
 * Ownership. Every parameter is an item with one owner among the W ranks; the owner keeps all of its SOAP state and
-  runs its whole step (plain and refresh). The owners are the planner's own: compiled_soap.sharding.assign_owners on
-  the weights compiled_soap.sharding.item_flops gives (the amortized FLOPs of the compiled step, plus 20 FLOPs per
+  runs its whole step (plain and refresh). The owners are the planner's own: compiled_soap.ownership.assign_owners on
+  the weights compiled_soap.ownership.item_flops gives (the amortized FLOPs of the compiled step, plus 20 FLOPs per
   element for the elementwise Adam arithmetic), classes keyed by (shape, dtype, weight), for replicated parameters and
   FSDP2 alike. The param group is CompiledSOAP's defaults (merge_dims and precondition_1d off) except for the flags.
 * FLOPs per item, plain and refresh: flop_model.py's compiled ("batched") variant, 3 units per plain step, 5 units plus
   F·Q (2s³) and a Householder QR forming Q ((8/3)s³) per factor at a refresh, plus the same elementwise term. Their
   mean over a refresh period is the planner's weight.
-* State per item: compiled_soap.sharding.state_bytes (fp32 moments at parameter shape, a factor and an eigenbasis per
+* State per item: compiled_soap.ownership.state_bytes (fp32 moments at parameter shape, a factor and an eigenbasis per
   factored axis; fp32 for bf16 parameters too). Counters are ignored.
 * Communication, per rank per step, with one collective per dtype and direction (one dtype here):
     - replicated parameters (DDP): after the step ONE all_gather over a flat buffer. Each rank packs the parameters it
@@ -45,7 +45,7 @@ from dataclasses import dataclass
 
 import torch
 
-from compiled_soap.sharding import ELEMENTWISE_FLOPS, assign_owners, item_flops, state_bytes
+from compiled_soap.ownership import ELEMENTWISE_FLOPS, assign_owners, item_flops, state_bytes
 from profiling import flop_model as fm
 
 VARIANT = "batched"  # the compiled step: 3 units per plain step, 5 units + M·Q and QR terms per refresh
@@ -117,7 +117,7 @@ class Item:
     shape: tuple[int, ...]
     plain: float  # FLOPs of a plain step, with the elementwise term
     refresh: float  # of a refresh step
-    cost: float  # the planner's weight (compiled_soap.sharding.item_flops): amortized FLOPs
+    cost: float  # the planner's weight (compiled_soap.ownership.item_flops): amortized FLOPs
     state: int  # bytes of SOAP state
 
     @property
@@ -140,7 +140,7 @@ def make_items(shapes, period: int = 10, max_precond_dim: int = 10000) -> list[I
 
 
 def owners_of(items: list[Item], world: int) -> list[int]:
-    """The planner's assignment (compiled_soap.sharding.assign_owners), classes keyed as the optimizer keys them."""
+    """The planner's assignment (compiled_soap.ownership.assign_owners), classes keyed as the optimizer keys them."""
     return assign_owners([it.cost for it in items], [(it.shape, DTYPE, it.cost) for it in items], world)
 
 
@@ -303,7 +303,7 @@ def report(cfg: GPTConfig, worlds: list[int], detail_world: int, period: int, ma
                f"{n_qr} factors (QR calls per refresh).")
     out.append(f"Assumptions: compiled variant (cost model of docs/design.md §4, Householder QR forming Q "
                f"{fm.QR_FLOPS_PER_S3:.3g}·s³, plus {ELEMENTWISE_FLOPS} FLOPs per element for the elementwise Adam "
-               f"arithmetic); owners from compiled_soap.sharding.assign_owners; precondition_frequency {period}; "
+               f"arithmetic); owners from compiled_soap.ownership.assign_owners; precondition_frequency {period}; "
                f"max_precond_dim {max_precond_dim}; state fp32; one parameter dtype (fp32 or bf16); bus bandwidth "
                f"{bus_gbps:g} GB/s per rank (NCCL bus-bandwidth convention: time = bytes a rank puts on, or takes "
                f"off, the wire / bandwidth); {tflops:g} TFLOP/s effective for the optimizer's matmuls and QR; no "

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from compiled_soap.sharding import item_flops, state_bytes
+from compiled_soap.ownership import item_flops, state_bytes
 from profiling import bench_distributed as bd
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not available")

@@ -122,7 +122,7 @@ def test_1b_model_and_report(capsys):
     assert sum(se.numel(s) for _, s in shapes) == L * (12 * d * d + 13 * d) + (cfg.vocab + cfg.ctx + 2) * d
     assert cfg.d_mlp == 4 * d and 1.0e9 <= sum(se.numel(s) for _, s in shapes) <= 1.3e9
     items = se.make_items(shapes)
-    # The planner's weight (compiled_soap.sharding.item_flops) is the flop model's amortized step: both count the QR
+    # The planner's weight (compiled_soap.ownership.item_flops) is the flop model's amortized step: both count the QR
     # as (8/3)s³.
     for it in items:
         assert it.cost == pytest.approx(fm.amortized(it.plain, it.refresh, 10), rel=1e-12)

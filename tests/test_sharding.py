@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import copy
 import datetime
-import math
 import os
 import random
 import time
@@ -27,7 +26,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from compiled_soap import CompiledSOAP, factors_as_dicts, merge_state_dicts
-from compiled_soap.sharding import assign_owners, item_flops, state_bytes
+from compiled_soap.ownership import assign_owners, item_flops, state_bytes
 from tests.graph_checks import HostReadLog
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not available")
@@ -220,8 +219,8 @@ def test_loading_one_ranks_shard_elsewhere_warns():
         p.grad = torch.ones_like(p)
     opt.step()
     full = opt.state_dict()
-    shard0 = {**full, "state": {k: v for k, v in full["state"].items() if k < 3}, "shard": {"rank": 0, "world_size": 2}}
-    shard1 = {**full, "state": {k: v for k, v in full["state"].items() if k >= 3}, "shard": {"rank": 1, "world_size": 2}}
+    shard0, shard1 = ({**full, "state": {k: v for k, v in full["state"].items() if (k >= 3) == r},
+                       "shard": {"rank": r, "world_size": 2}} for r in (0, 1))
     fresh = CompiledSOAP(_model().parameters(), **HYPER)
     with pytest.warns(UserWarning, match="rank 0 of 2: it holds that rank's parameters only"):
         fresh.load_state_dict(shard0)

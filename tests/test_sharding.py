@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from compiled_soap import CompiledSOAP, factors_as_dicts, merge_state_dicts
+from compiled_soap import SOAP, CompiledSOAP, factors_as_dicts, merge_state_dicts
 from compiled_soap.ownership import assign_owners, item_flops, state_bytes
 from tests.graph_checks import HostReadLog
 
@@ -264,6 +264,12 @@ def _train_worker(rank, world, folder, mode):
               "owned": sorted(local["state"]), "shard": local.get("shard"),
               "flops": sum(item_flops(p.shape, opt.param_groups[0]) for i, p in enumerate(model.parameters())
                            if i in local["state"])}
+    if mode == "fsdp" and world == 2:  # DTensor parameters: the reference and shard=False refuse them clearly
+        for make in (lambda: SOAP(model.parameters()), lambda: CompiledSOAP(model.parameters(), shard=False).step()):
+            try:
+                make()
+            except ValueError as e:
+                report.setdefault("dtensor_errors", []).append(str(e))
     if mode == "ddp" and world == 2:  # each rank its own parameter: same shapes, other values
         mine = torch.nn.Parameter(torch.full((3, 3), float(rank)))
         wrong = CompiledSOAP([mine], compile=False)
@@ -315,6 +321,11 @@ def test_sharded_training_equals_single_process(tmp_path, mode, world):
     if mode == "ddp" and world == 2:
         for r in reports:
             assert "shard=False" in r["subset_error"]
+    if mode == "fsdp" and world == 2:
+        for r in reports:
+            assert len(r["dtensor_errors"]) == 2
+            assert "use CompiledSOAP" in r["dtensor_errors"][0]
+            assert "shard=False) cannot step DTensor" in r["dtensor_errors"][1]
 
 
 # ------------------------------------------------------------------------------------------------------ resharding

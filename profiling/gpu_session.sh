@@ -11,6 +11,10 @@
 #   profiling/gpu_session.sh OUTDIR host [ARGS...]       # bench_host.py tables, parameters on cuda, then on cpu
 #   profiling/gpu_session.sh OUTDIR bench PRESET... [--BENCH-OPTION ...]   # bench.py per preset: JSON, PNG, table
 #   profiling/gpu_session.sh OUTDIR example              # examples/train_gpt.py, GPU configuration
+#   profiling/gpu_session.sh OUTDIR distributed          # the sharded mode on NCCL with the one GPU (FSDP2 example
+#                                                        # compiled, world 1; bench at W=1), and the gloo bench at
+#                                                        # W=1,2,4 on the machine's 16 cores (timings without the
+#                                                        # 2-core contention of our CPU machines)
 #
 # Every stage first installs the project without dependencies or build isolation (both would need the network),
 # records the environment (GPU, driver, torch, CUDA, commit) in OUTDIR/env.txt, and writes one log per command,
@@ -18,7 +22,7 @@
 # first failing command's. The python `nvtx` package may be missing there: CompiledSOAP then runs without NVTX
 # ranges; carry its wheel to get them. One bench preset per command keeps each command inside 10 minutes.
 set -uo pipefail
-usage="usage: gpu_session.sh OUTDIR tests|capture [ARGS...]|orthogonalization|host [ARGS...]|bench PRESET...|example"
+usage="usage: gpu_session.sh OUTDIR tests|capture [ARGS...]|orthogonalization|host [ARGS...]|bench PRESET...|example|distributed"
 out=${1:?$usage}
 stage=${2:?$usage}
 shift 2
@@ -82,6 +86,12 @@ case "$stage" in
         run example.log bash -c 'python3 examples/train_gpt.py --device cuda --out "$1" --n-layer 12 --n-head 12 \
             --n-embd 768 --block-size 512 --batch-size 32 --steps 2000 --lr 3e-3 --data-bytes 0 --eval-batches 50 \
             2>&1 | tr "\r" "\n" | grep -v "it/s"; exit "${PIPESTATUS[0]}"' example "$out/example"
+        ;;
+    distributed)
+        run fsdp-example-cuda.log python3 -m torch.distributed.run --standalone --nproc_per_node 1 \
+            examples/train_fsdp.py --compile --steps 60 --out "$out/fsdp-example"
+        run bench-distributed-cuda.log python3 -m profiling.bench_distributed --device cuda --worlds 1 --compile
+        run bench-distributed-cpu.log python3 -m profiling.bench_distributed --worlds 1,2,4
         ;;
     *)
         echo "unknown stage: $stage ($usage)" >&2

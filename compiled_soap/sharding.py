@@ -98,7 +98,8 @@ def check_same_parameters(params: list, group) -> None:
         gathered = torch.empty(dist.get_world_size(group) * len(plain), dtype=torch.float64, device=device)
         _all_gather(gathered, sums, group=group)
         gathered = gathered.view(-1, len(plain))
-        differ = (gathered != sums).any(0).nonzero().flatten().tolist()
+        unequal = (gathered != sums) & ~(gathered.isnan() & sums.isnan())  # a NaN weight is equal to itself here
+        differ = unequal.any(0).nonzero().flatten().tolist()
         if differ:
             raise ValueError(f"CompiledSOAP(shard=True): parameters {differ} differ between the ranks of its process "
                              f"group; sharding steps replicated parameters (DDP). {advice}")

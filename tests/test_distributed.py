@@ -23,15 +23,14 @@ import copy
 import datetime
 import io
 import os
-import time
 import traceback
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from compiled_soap import SOAP, CompiledSOAP, factors_as_dicts
+from tests.spawning import spawn_with_deadline
 
 STEPS = 8
 BEFORE, AFTER = 4, 4  # calls before a checkpoint (the first only initialises) and after it; AFTER crosses a refresh
@@ -81,18 +80,7 @@ def _init_process_group(rank, world, store_path):
 
 def _spawn(worker, folder, *args, world=2):
     """worker(rank, world, store_path, *args) in `world` processes; fails (ending them) after SPAWN_DEADLINE_S."""
-    store_path = os.path.join(folder, "store")
-    context = mp.spawn(worker, args=(world, store_path, *args), nprocs=world, join=False)
-    deadline = time.monotonic() + SPAWN_DEADLINE_S
-    try:
-        while not context.join(timeout=1):
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{worker.__name__} still running after {SPAWN_DEADLINE_S} s")
-    finally:
-        for process in context.processes:
-            if process.is_alive():
-                process.terminate()
-                process.join(10)
+    spawn_with_deadline(worker, (world, os.path.join(folder, "store"), *args), world, SPAWN_DEADLINE_S)
 
 
 def _averaged_run(name, steps, checkpoint_at=None):

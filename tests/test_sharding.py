@@ -18,16 +18,15 @@ import copy
 import datetime
 import os
 import random
-import time
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from compiled_soap import SOAP, CompiledSOAP, factors_as_dicts, merge_state_dicts
 from compiled_soap.ownership import assign_owners, item_flops, state_bytes
 from tests.graph_checks import HostReadLog
+from tests.spawning import spawn_with_deadline
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not available")
 
@@ -89,17 +88,8 @@ def _init(rank, world, folder):
 
 
 def _spawn(worker, folder, world, *args):
-    context = mp.spawn(worker, args=(world, folder, *args), nprocs=world, join=False)
-    deadline = time.monotonic() + SPAWN_DEADLINE_S
-    try:
-        while not context.join(timeout=1):
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{worker.__name__} still running after {SPAWN_DEADLINE_S} s")
-    finally:
-        for process in context.processes:
-            if process.is_alive():
-                process.terminate()
-                process.join(10)
+    """worker(rank, world, folder, *args) in `world` processes, ended after SPAWN_DEADLINE_S."""
+    spawn_with_deadline(worker, (world, folder, *args), world, SPAWN_DEADLINE_S)
 
 
 def _state_bytes_of(state_dict) -> int:
@@ -196,13 +186,18 @@ def test_shard_argument_checked():
         opt.step()
 
 
-def test_merge_state_dicts_refuses_an_entry_in_two_shards():
+def _initialised_state_dict() -> dict:
+    """The state_dict of an unsharded optimizer after one (initialising) call: every parameter has an entry."""
     model = _model()
     opt = CompiledSOAP(model.parameters(), **HYPER)
     for p in model.parameters():
         p.grad = torch.ones_like(p)
     opt.step()
-    full = opt.state_dict()
+    return opt.state_dict()
+
+
+def test_merge_state_dicts_refuses_an_entry_in_two_shards():
+    full = _initialised_state_dict()
     halves = [{**full, "state": {k: v for k, v in full["state"].items() if k % 2 == r}} for r in range(2)]
     merged = merge_state_dicts(halves)
     assert sorted(merged["state"]) == sorted(full["state"])
@@ -213,12 +208,7 @@ def test_merge_state_dicts_refuses_an_entry_in_two_shards():
 def test_loading_one_ranks_shard_elsewhere_warns():
     """A sharded state_dict holds one rank's parameters: loading it in one process (or on another rank layout)
     silently restarting the others would lose state, so it says so; a merged one loads quietly."""
-    model = _model()
-    opt = CompiledSOAP(model.parameters(), **HYPER)
-    for p in model.parameters():
-        p.grad = torch.ones_like(p)
-    opt.step()
-    full = opt.state_dict()
+    full = _initialised_state_dict()
     shard0, shard1 = ({**full, "state": {k: v for k, v in full["state"].items() if (k >= 3) == r},
                        "shard": {"rank": r, "world_size": 2}} for r in (0, 1))
     fresh = CompiledSOAP(_model().parameters(), **HYPER)
@@ -265,7 +255,8 @@ def _train_worker(rank, world, folder, mode):
               "flops": sum(item_flops(p.shape, opt.param_groups[0]) for i, p in enumerate(model.parameters())
                            if i in local["state"])}
     if mode == "fsdp" and world == 2:  # DTensor parameters: the reference and shard=False refuse them clearly
-        for make in (lambda: SOAP(model.parameters()), lambda: CompiledSOAP(model.parameters(), shard=False).step()):
+        for make in (lambda m=model: SOAP(m.parameters()),
+                     lambda m=model: CompiledSOAP(m.parameters(), shard=False).step()):
             try:
                 make()
             except ValueError as e:

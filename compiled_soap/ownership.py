@@ -16,11 +16,11 @@ from typing import Optional
 
 import torch
 
+from .orthogonalization import flops as orthogonalization_flops
 from .planning import layout_of
 from .validation import state_dtype
 
 ELEMENTWISE_FLOPS = 20  # per element and step: the Adam arithmetic, so that unfactored items weigh something too
-QR_FLOPS_PER_S3 = 8 / 3  # Householder geqrf + orgqr (orthogonalization.flops)
 
 
 def item_flops(shape, group: dict) -> float:
@@ -30,7 +30,7 @@ def item_flops(shape, group: dict) -> float:
     n = math.prod(layout.shape)
     sizes = [s for s in layout.factor_sizes if s]
     unit = sum(2 * s * n for s in sizes)
-    refresh = 2 * unit + sum((2 + QR_FLOPS_PER_S3) * s ** 3 for s in sizes)
+    refresh = 2 * unit + sum(2 * s ** 3 + orthogonalization_flops("householder", s) for s in sizes)
     return 3 * unit + refresh / group["precondition_frequency"] + ELEMENTWISE_FLOPS * n
 
 

@@ -108,6 +108,41 @@ def check_same_parameters(params: list, group) -> None:
 # ------------------------------------------------------------------------------------------------------ exchange
 
 
+class _ReplicaPlan(NamedTuple):
+    """One dtype's all_gather: my parameters packed into `send`; everybody's arrive in `recv`."""
+
+    send: torch.Tensor
+    recv: torch.Tensor
+    mine: list  # indices of the parameters this rank owns, in the order they are packed
+    send_views: list  # their places in `send`
+    theirs: list  # indices of the other ranks' parameters
+    recv_views: list  # their places in `recv`
+
+
+class _AllToAll(NamedTuple):
+    recv: torch.Tensor
+    send: torch.Tensor
+    recv_split: list
+    send_split: list
+
+
+class _ShardPlan(NamedTuple):
+    """One dtype's two all_to_alls (DTensor parameters), with every view the copies around them use."""
+
+    mine: list  # indices of the parameters this rank owns
+    gather: _AllToAll  # before the step: rows of parameters and gradients to their owners
+    send_items: list  # per piece sent, its parameter index
+    send_param_views: list  # where my rows of each go in gather.send
+    send_grad_views: list  # ... and my rows of its gradient
+    full_views: list  # flat ranges of the proxies and gradient buffers ...
+    piece_views: list  # ... and the pieces of gather.recv that fill them
+    scatter: _AllToAll  # after the step: rows of the updated proxies back to every rank
+    proxy_rows: list  # ranges of my proxies, per destination ...
+    out_send_views: list  # ... and their places in scatter.send
+    out_items: list  # per piece received, its parameter index
+    out_recv_views: list  # its place in scatter.recv
+
+
 class Exchange:
     """The collectives that move parameters (and, for DTensors, gradients) between owners and everyone else.
 
@@ -159,7 +194,7 @@ class Exchange:
 
     # ---------------------------------------------------------------- replicated parameters
 
-    def _replica_plan(self, idx: list) -> dict:
+    def _replica_plan(self, idx: list) -> _ReplicaPlan:
         p0 = self.params[idx[0]]
         mine = [i for i in idx if self.owners[i] == self.rank]
         totals = [sum(self.params[i].numel() for i in idx if self.owners[i] == r) for r in range(self.world)]
@@ -174,17 +209,16 @@ class Exchange:
             else:
                 theirs.append((i, recv[r * width + offsets[r]:r * width + offsets[r] + n].view(self.params[i].shape)))
             offsets[r] += n
-        return {"send": send, "recv": recv, "mine": mine, "send_views": views,
-                "theirs": [i for i, _ in theirs], "recv_views": [v for _, v in theirs]}
+        return _ReplicaPlan(send, recv, mine, views, [i for i, _ in theirs], [v for _, v in theirs])
 
     def gather_replicas(self) -> None:
         """Every rank receives the parameters the owners updated."""
         for plan in self.plans:
-            if plan["mine"]:
-                torch._foreach_copy_(plan["send_views"], [self.params[i] for i in plan["mine"]])
-            _all_gather(plan["recv"], plan["send"], group=self.group)
-            if plan["theirs"]:
-                torch._foreach_copy_([self.params[i] for i in plan["theirs"]], plan["recv_views"])
+            if plan.mine:
+                torch._foreach_copy_(plan.send_views, [self.params[i] for i in plan.mine])
+            _all_gather(plan.recv, plan.send, group=self.group)
+            if plan.theirs:
+                torch._foreach_copy_([self.params[i] for i in plan.theirs], plan.recv_views)
 
     # ---------------------------------------------------------------- DTensor parameters
 
@@ -205,7 +239,7 @@ class Exchange:
                              f"of {tuple(self.shapes[i])} (dim 0 split as torch.chunk splits it over {self.world})")
         return local
 
-    def _dtensor_plan(self, idx: list) -> dict:
+    def _dtensor_plan(self, idx: list) -> _ShardPlan:
         """Flat buffers and their views for one dtype. In: [to rank 0 | to rank 1 | ...], each holding, for the
         destination's parameters in order, (my rows of the parameter, my rows of the gradient). Out: [to rank 0 |
         ...], each holding, for my parameters in order, the destination's rows of the updated proxy."""
@@ -256,44 +290,41 @@ class Exchange:
                 out_items.append(i)
                 out_recv_views.append(out_recv[at:at + n])
                 at += n
-        return {"mine": mine, "in": (in_recv, in_send, in_recv_split, in_send_split),
-                "send_items": send_items, "send_param_views": send_param_views, "send_grad_views": send_grad_views,
-                "full_views": full_views, "piece_views": piece_views,
-                "out": (out_recv, out_send, out_recv_split, out_send_split),
-                "proxy_rows": proxy_rows, "out_send_views": out_send_views,
-                "out_items": out_items, "out_recv_views": out_recv_views}
+        return _ShardPlan(mine, _AllToAll(in_recv, in_send, in_recv_split, in_send_split), send_items,
+                          send_param_views, send_grad_views, full_views, piece_views,
+                          _AllToAll(out_recv, out_send, out_recv_split, out_send_split), proxy_rows, out_send_views,
+                          out_items, out_recv_views)
 
     def gather_full(self) -> None:
         """Each owner receives every rank's rows of its parameters and gradients, joined into the proxies (a
         proxy's .grad is None where the parameter has none: FSDP2 gives every rank the same None-ness)."""
         for plan in self.plans:
-            items = plan["send_items"]
+            items = plan.send_items
             params = [self._local(self.params[i], i).reshape(-1) for i in items]
-            torch._foreach_copy_(plan["send_param_views"], params)
+            torch._foreach_copy_(plan.send_param_views, params)
             with_grad = [k for k, i in enumerate(items) if self.params[i].grad is not None]
+            without_grad = [k for k, i in enumerate(items) if self.params[i].grad is None]
             if with_grad:
-                torch._foreach_copy_([plan["send_grad_views"][k] for k in with_grad],
+                torch._foreach_copy_([plan.send_grad_views[k] for k in with_grad],
                                      [self._local(self.params[items[k]].grad, items[k]).reshape(-1)
                                       for k in with_grad])
-            if len(with_grad) < len(items):
-                torch._foreach_zero_([plan["send_grad_views"][k] for k in range(len(items)) if k not in with_grad])
-            recv, send, recv_split, send_split = plan["in"]
-            dist.all_to_all_single(recv, send, recv_split, send_split, group=self.group)
-            if plan["full_views"]:
-                torch._foreach_copy_(plan["full_views"], plan["piece_views"])
-            for i in plan["mine"]:
+            if without_grad:
+                torch._foreach_zero_([plan.send_grad_views[k] for k in without_grad])
+            dist.all_to_all_single(*plan.gather, group=self.group)
+            if plan.full_views:
+                torch._foreach_copy_(plan.full_views, plan.piece_views)
+            for i in plan.mine:
                 self.proxies[i].grad = None if self.params[i].grad is None else self.grad_buffers[i]
 
     def scatter_shards(self) -> None:
         """Every rank receives its rows of the parameters the owners updated."""
         for plan in self.plans:
-            if plan["proxy_rows"]:
-                torch._foreach_copy_(plan["out_send_views"], plan["proxy_rows"])
-            recv, send, recv_split, send_split = plan["out"]
-            dist.all_to_all_single(recv, send, recv_split, send_split, group=self.group)
-            if plan["out_items"]:
-                torch._foreach_copy_([self._local(self.params[i], i).view(-1) for i in plan["out_items"]],
-                                     plan["out_recv_views"])
+            if plan.proxy_rows:
+                torch._foreach_copy_(plan.out_send_views, plan.proxy_rows)
+            dist.all_to_all_single(*plan.scatter, group=self.group)
+            if plan.out_items:
+                torch._foreach_copy_([self._local(self.params[i], i).view(-1) for i in plan.out_items],
+                                     plan.out_recv_views)
 
     def gather_objects(self, state_dict: dict) -> list:
         """Every rank's `state_dict` (tensors moved to the CPU first), on every rank."""

@@ -739,11 +739,16 @@ def test_load_mismatched_checkpoint_rejected(make_opt, case):
     assert groups_equal(opt.param_groups, before_groups) and opt.param_groups[0]["params"][0] is params[0]
     # Still steps exactly like an untouched twin (through a refresh).
     for call in range(4, 8):
-        set_grads(params, grads_for(params, call))
-        set_grads(uparams, grads_for(uparams, call))
-        opt.step()
-        untouched.step()
+        _step_together([call], (opt, params), (untouched, uparams))
         assert_snapshots_equal(snapshot(opt, params), snapshot(untouched, uparams), f"call {call}")
+
+
+def _step_together(calls, *runs):
+    """Feed every (optimizer, parameters) run the same gradients at each call in `calls`, and step it."""
+    for call in calls:
+        for opt, params in runs:
+            set_grads(params, grads_for(params, call))
+            opt.step()
 
 
 def _corrupt(sd, how):
@@ -811,11 +816,7 @@ def test_load_format_version_0_migrated(make_opt):
     opt = make_opt(params, **CK_KW)
     opt.load_state_dict(sd0)
     assert_snapshots_equal(snapshot(src, sparams), snapshot(opt, params), "after loading version 0")
-    for call in range(4, 8):  # continuing is bit-identical to the source optimizer
-        set_grads(sparams, grads_for(sparams, call))
-        set_grads(params, grads_for(params, call))
-        src.step()
-        opt.step()
+    _step_together(range(4, 8), (src, sparams), (opt, params))  # continuing is bit-identical to the source
     assert_snapshots_equal(snapshot(src, sparams), snapshot(opt, params), "continued after version 0")
 
 
@@ -832,11 +833,7 @@ def test_load_older_versions_take_refresh_clock_from_step(make_opt, version):
     opt.load_state_dict(old)
     for p in params:
         assert int(opt.state[p]["refresh_clock"]) == int(opt.state[p]["step"]) == 4
-    for call in range(5, 9):
-        set_grads(sparams, grads_for(sparams, call))
-        set_grads(params, grads_for(params, call))
-        src.step()
-        opt.step()
+    _step_together(range(5, 9), (src, sparams), (opt, params))
     assert_snapshots_equal(snapshot(src, sparams), snapshot(opt, params), f"continued after version {version}")
 
 
@@ -861,11 +858,7 @@ def test_cross_load_between_classes(direction, dtype, tol):
     dparams = twin(sparams)
     dst = FACTORIES[dst_name](dparams, **CK_KW)
     dst.load_state_dict(copy.deepcopy(src.state_dict()))
-    for call in range(5, 12):  # includes refreshes (f=2)
-        set_grads(sparams, grads_for(sparams, call))
-        set_grads(dparams, grads_for(dparams, call))
-        src.step()
-        dst.step()
+    _step_together(range(5, 12), (src, sparams), (dst, dparams))  # includes refreshes (f=2)
     moved_src = [p.detach() - p0 for p, p0 in zip(sparams, make_params(shapes, dtype=dtype))]
     moved_dst = [p.detach() - p0 for p, p0 in zip(dparams, make_params(shapes, dtype=dtype))]
     assert rel_diff(moved_dst, moved_src) < tol

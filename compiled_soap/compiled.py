@@ -34,6 +34,7 @@ from .orthogonalization import ORTHOGONALIZATIONS, full_precision_matmul
 from .planning import layout_of
 from .ownership import plan_ownership, saved_owners
 from .sharding import Exchange, check_same_parameters, decide_group
+from .residence import STORAGES, GradientRouter, Residence
 from .state import StackedState, StateTable
 from .validation import state_dtype, validate_grad
 
@@ -89,20 +90,26 @@ class CompiledSOAP(torch.optim.Optimizer):
         orthogonalization: str = "householder",
         shard: Optional[bool] = None,
         process_group=None,
+        storage: str = "bucket",
     ):
         defaults = checked_defaults(locals())
         if orthogonalization not in ORTHOGONALIZATIONS:
             raise ValueError(f"Invalid orthogonalization: {orthogonalization!r} (one of {sorted(ORTHOGONALIZATIONS)})")
         if shard not in (None, True, False):
             raise ValueError(f"Invalid shard: {shard!r} (None, True or False)")
+        if storage not in STORAGES:
+            raise ValueError(f"Invalid storage: {storage!r} (one of {list(STORAGES)})")
         self._options = {"compile": compile, "mode": mode, "backend": backend, "orthogonalization": orthogonalization,
-                         "shard": shard, "process_group": process_group}
+                         "shard": shard, "process_group": process_group, "storage": storage}
+        self._router = GradientRouter()
+        self._residence: Optional[Residence] = None
         self._owner_of: dict = {}  # parameter -> owner rank, once sharding is set up (kept: state never moves)
         self._owner = StackedState()
         self._compiler = StepCompiler(compile, backend, mode)
         self._params: list = []
         self._hyper: Optional[HyperTable] = None
         self.last_step_kind: Optional[str] = None
+        self.last_step_copies = {"gradients": 0, "parameters": 0}
         super().__init__(params, defaults)
         self.state = StateTable()
 
@@ -130,6 +137,9 @@ class CompiledSOAP(torch.optim.Optimizer):
         self._sharding_ready = False  # set up at the next step, load or state_dict (it may run collectives)
         self._targets = self._params  # what is stepped for each parameter: itself, or (DTensor) a full proxy
         self._owned = list(range(len(self._params)))
+        self._moves: dict = {}  # parameter -> times it left its slot
+        if self._options["storage"] == "bucket":
+            self._router.watch(self._params)
         self._plan_changed()
 
     def _setup_sharding(self, saved_by: Optional[dict] = None) -> None:
@@ -162,6 +172,13 @@ class CompiledSOAP(torch.optim.Optimizer):
         self._uninitialized = [i for i in self._owned if i not in initialized]
         self._plans = tuple(b.plan for b in buckets)
         self._bucket_tensors = tuple(b.tensors for b in buckets)
+        r = self._owner.routes
+        own = {id(p) for p in self._params}
+        # parameters themselves (not the proxies of DTensor shards), unless they keep leaving their slots
+        movable = [id(p) in own and self._moves.get(p, 0) < 2 for p in r.params]
+        self._residence = Residence(r.params, r.param_slots, r.grad_slots, movable, self._options["storage"])
+        if self._options["storage"] == "bucket":
+            self._router.place({p: s for p, s, m in zip(r.params, r.grad_slots, movable) if m})
 
     def _rebuild(self, entries: dict) -> None:
         """Every bucket anew from per-parameter entries (the one build path), then `state` re-published."""
@@ -194,14 +211,19 @@ class CompiledSOAP(torch.optim.Optimizer):
                 self._hyper.update(self.param_groups)
                 has_grad, copies, new = self._intake()
             kind = None
-            if copies[0]:
-                try:
-                    torch._foreach_copy_(copies[0], copies[1])
-                except RuntimeError:
-                    for p in copies[3]:  # a sparse or otherwise unusable gradient: say which and why
-                        validate_grad(p)
-                    raise
-                torch._foreach_copy_(copies[2], copies[3])
+            if has_grad.any():
+                grad_slots, grads, param_slots, params = copies
+                self.last_step_copies = {"gradients": len(grads), "parameters": len(params)}
+                if grads:
+                    try:
+                        torch._foreach_copy_(grad_slots, grads)
+                    except RuntimeError:
+                        for p in self._owner.routes.params:  # a sparse or otherwise unusable gradient: say which
+                            if p.grad is not None:
+                                validate_grad(p)
+                        raise
+                if params:
+                    torch._foreach_copy_(param_slots, params)
                 refreshing = self._schedule(has_grad)
                 kind = "refresh" if any(refreshing) else "plain"
                 # The orthogonalisation runs its fp32 matmuls at full precision whatever the user set (CholeskyQR
@@ -210,7 +232,13 @@ class CompiledSOAP(torch.optim.Optimizer):
                     self._compiler.run((self._plans, refreshing), kind, stacked.step,
                                        {"refreshing": refreshing, "method": self._options["orthogonalization"]},
                                        self._plans, self._bucket_tensors, self._hyper.hyper)
-                torch._foreach_copy_(copies[3], copies[2])
+                if params:
+                    torch._foreach_copy_(params, param_slots)
+                # Parameters in their slots were changed in place behind autograd's back: say so, as an in-place
+                # update would, so that a backward through a graph that saw the old values raises.
+                _increment_version(self._residence.resident_params)
+            else:
+                self.last_step_copies = {"gradients": 0, "parameters": 0}
             if new:
                 with nvtx_range("initialize"):
                     self._initialize(new)
@@ -232,18 +260,18 @@ class CompiledSOAP(torch.optim.Optimizer):
         r = self._owner.routes
         params = r.params
         grads = [p.grad for p in params]
-        # Storage changes: a new dtype or shape (a new address or memory format needs nothing: parameters are
-        # read and written by copy at every step).
+        # Storage changes: a new dtype or shape re-plans; a new address or memory format is copied
+        # (`Residence.check`).
         if [p.dtype for p in params] != r.dtypes or [p.shape for p in params] != r.shapes:
             self._storage_changed()
             return self._intake()
+        moved = self._residence.moved()
+        if moved:
+            self._left_slot(moved)
+            return self._intake()
         missing = [g is None for g in grads]
-        if not any(missing):
-            has_grad, copies = r.all_true, (r.grad_slots, grads, r.param_slots, params)
-        else:
-            has_grad = ~np.array(missing, dtype=bool)
-            keep = np.flatnonzero(has_grad).tolist()
-            copies = tuple([x[k] for k in keep] for x in (r.grad_slots, grads, r.param_slots, params))
+        has_grad = r.all_true if not any(missing) else ~np.array(missing, dtype=bool)
+        copies = self._residence.copies(grads, has_grad)
         new = []
         for i in self._uninitialized:
             p = self._targets[i]
@@ -267,6 +295,14 @@ class CompiledSOAP(torch.optim.Optimizer):
                     warnings.warn(f"parameter {i} changed dtype from {plan.param_dtype} to {p.dtype} after its first "
                                   f"step: its SOAP state was converted from {plan.state_dtype} to "
                                   f"{state_dtype(p.dtype)}")
+        self._rebuild(self._owner.entries())
+
+    def _left_slot(self, params: list) -> None:
+        """Parameters moved out of their slots (`p.data = ...`, `model.to(...)`): every bucket anew, in fresh
+        memory, so that nothing writes the memory they left. One that moves a second time stays where the user
+        puts it and is copied in and out."""
+        for p in params:
+            self._moves[p] = self._moves.get(p, 0) + 1
         self._rebuild(self._owner.entries())
 
     def _schedule(self, has_grad: np.ndarray) -> tuple:
@@ -425,6 +461,11 @@ class _Shared:
 
     def __reduce__(self):
         return (_Shared, (None,))
+
+
+def _increment_version(tensors: list) -> None:
+    if tensors:
+        torch.autograd.graph.increment_version(tensors)
 
 
 def _factor_sizes(p: torch.Tensor, group: dict) -> list:

@@ -17,6 +17,7 @@ deleting or emptying an entry resets the parameter (its next gradient initialise
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from typing import NamedTuple
 
@@ -25,6 +26,7 @@ import torch
 
 from .compilation import mark_static
 from .planning import BucketPlan, bucket_key, from_merged, make_plan, to_merged
+from .residence import dense_strides
 from .stacked import BucketTensors
 
 
@@ -170,6 +172,18 @@ def _vector(values, dtype, device) -> torch.Tensor:
     return torch.tensor([float(v) if dtype.is_floating_point else int(v) for v in values], dtype=dtype, device=device)
 
 
+def _slot_allocator(n: int, members: list, dtype: torch.dtype, device):
+    """[B, *shape] zeros whose items have the members' memory layout when they all share one dense layout
+    (channels_last, permuted), so a parameter can live in its slot without changing its strides."""
+    shape = tuple(members[0].shape)
+    strides = {dense_strides(p) for p in members}
+    item = strides.pop() if len(strides) == 1 else None
+    numel = math.prod(shape)
+    if item is None or any(s == 0 for s in shape):
+        return lambda: torch.zeros((n, *shape), dtype=dtype, device=device)
+    return lambda: torch.empty_strided((n, *shape), (numel, *item), dtype=dtype, device=device).zero_()
+
+
 class StackedState:
     """Buckets of stacked state for the parameters of one optimizer, and their host mirror."""
 
@@ -244,9 +258,9 @@ class StackedState:
 
         frequency = np.array([int(e["precondition_frequency"]) for e in es], dtype=np.int64)
         clock = np.array([int(e["refresh_clock"]) for e in es], dtype=np.int64)
+        slots = _slot_allocator(n, [params[i] for i in idx], plan.param_dtype, device)
         tensors = BucketTensors(
-            params=torch.zeros((n, *layout.shape), dtype=plan.param_dtype, device=device),
-            grads=torch.zeros((n, *layout.shape), dtype=plan.param_dtype, device=device),
+            params=slots(), grads=slots(),
             has_grad=torch.zeros(n, dtype=torch.bool, device=device),
             exp_avg=stack("exp_avg"), exp_avg_sq=stack("exp_avg_sq"), factors=mats("GG"), eigenbases=mats("Q"),
             step=_vector([e["step"] for e in es], torch.int64, device),

@@ -44,7 +44,10 @@ def _sync():
 def _time_steps(opt, params, steps=60, repeats=5):
     for p in params:
         p.grad = torch.randn_like(p)
-    for _ in range(3):
+    opt.step()  # first call: initialises (CompiledSOAP: the buckets, where gradients land from now on)
+    opt.zero_grad()
+    sum((p * torch.randn_like(p)).sum() for p in params).backward()  # gradients as a training loop leaves them
+    for _ in range(2):
         opt.step()
     samples = []
     for _ in range(repeats):

@@ -48,6 +48,8 @@ PRESETS = {
     for p in [
         # Small enough that all four optimizers (CompiledSOAP's compile included) run in seconds on 2 CPU cores.
         Preset("tiny", layers=2, d_model=64, d_mlp=256, vocab=512, ctx=128, note="CPU smoke size"),
+        # The GPT-2 layout of the memory comparison (3.36M parameters): big enough that state dominates.
+        Preset("gpt2-l4-d256", layers=4, d_model=256, d_mlp=1024, vocab=512, ctx=256, note="GPT-2 layout, 3.4M"),
         # 124,439,808 parameters. With max_precond_dim=10000 the 50257-long vocab axis of wte gets no factor.
         Preset("gpt2-small", layers=12, d_model=768, d_mlp=3072, vocab=50257, ctx=1024, note="GPT-2 small, 124M"),
         # The two models of NVIDIA Emerging-Optimizers PR #118 (12 layers, 4 matrices per block = 96 QR calls per

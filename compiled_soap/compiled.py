@@ -1,8 +1,8 @@
 """`CompiledSOAP`: the torch.optim shell around the stacked math.
 
-Per step, on the host: apply edits made to `optimizer.state`, write changed hyperparameters to the device, copy
-every parameter and gradient into its bucket's static buffers (two batched copies; the optimizer never takes over
-`p.grad`), choose the step graph, run it, copy the parameters back out. The graph is `stacked.step`, compiled once
+Per step, on the host: apply edits made to `optimizer.state`, write changed hyperparameters to the device, check
+that every parameter and gradient lives in its bucket slot (`residence`: copy in whatever does not), choose the
+step graph, run it, copy back out the parameters that do not live in their slots. The graph is `stacked.step`, compiled once
 per plan and refresh pattern (`compilation`); on CUDA with mode="reduce-overhead" it is one CUDA graph replay.
 
 Which buckets refresh is decided on the host from what the host knows exactly: each parameter's refresh clock
@@ -59,8 +59,12 @@ class CompiledSOAP(torch.optim.Optimizer):
             Parameters may be plain tensors (the same on every rank: DDP) or DTensors sharded on dim 0 (FSDP2).
         process_group: the ProcessGroup or 1-D DeviceMesh to shard over (HSDP: the shard dimension). Default: the
             mesh dimension DTensor parameters are sharded on, else the default group.
+        storage: "bucket" (default): parameters move into their bucket slots and gradients land in theirs, so a
+            step copies neither (README: what `p.grad` then is, and what is copied instead). "separate": the
+            optimizer never touches a parameter's memory or `p.grad`, and copies both in and out at every step.
 
     After each `step()`, `last_step_kind` is "init" (only initialisations), "plain", "refresh" or "none";
+    `last_step_copies` counts the gradients and parameters it copied into the buckets;
     `compile_seconds` accumulates the wall time of calls that compiled or recorded a graph; `skipped_steps()`
     returns, on the device, how many calls each parameter skipped for a non-finite gradient.
 

@@ -1,7 +1,8 @@
 """Gradients the user owns and parameters whose storage changes mid-training (GPU-step issue, findings 2, 3, 7).
 
-CompiledSOAP reads every `.grad` at every step and never assigns it, and copies parameters in and out of its
-buffers, so whatever the user does to a parameter's memory between steps it sees exactly what SOAP sees.
+Whatever the user does to a parameter's memory or gradient between steps, CompiledSOAP sees exactly what SOAP sees:
+a gradient it did not see autograd create is copied in and never taken over, a parameter that left its slot is
+read where it now lives (test_residence.py checks what stays in the slots).
 """
 
 from __future__ import annotations

@@ -109,9 +109,10 @@ def _averaged_run(name, steps, checkpoint_at=None):
 # ------------------------------------------------------------------------------------------------------ DDP
 
 
-def _ddp_worker(rank, world, store_path, out):
+def _ddp_worker(rank, world, store_path, out, bucket_view=False):
     _init_process_group(rank, world, store_path)
-    model = torch.nn.parallel.DistributedDataParallel(_model())
+    # gradient_as_bucket_view: .grad are views of DDP's buckets, copied in at each step, never taken over.
+    model = torch.nn.parallel.DistributedDataParallel(_model(), gradient_as_bucket_view=bucket_view)
     opt = CompiledSOAP(model.parameters(), precondition_frequency=3, compile=False)
     x, y = _data()
     shard = slice(rank * 16, (rank + 1) * 16)
@@ -132,9 +133,10 @@ def _ddp_worker(rank, world, store_path, out):
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not available")
-def test_ddp_replicas_agree_with_single_process(tmp_path):
+@pytest.mark.parametrize("bucket_view", [False, True], ids=["ddp", "ddp-gradient-as-bucket-view"])
+def test_ddp_replicas_agree_with_single_process(tmp_path, bucket_view):
     out = tmp_path / "params.pt"
-    _spawn(_ddp_worker, str(tmp_path), str(out))
+    _spawn(_ddp_worker, str(tmp_path), str(out), bucket_view)
     rank0, rank1 = torch.load(out)
     assert torch.equal(rank0, rank1)
 

@@ -45,8 +45,6 @@ from .hyperparameters import validate_hyperparameters
 from .validation import state_dtype
 
 FORMAT_VERSION = 2
-SAVED_KEYS = ("step", "exp_avg", "exp_avg_sq", "GG", "Q", "precondition_frequency", "shampoo_beta", "skipped",
-              "refresh_clock")
 _TENSOR_KEYS = ("exp_avg", "exp_avg_sq")
 _REQUIRED_KEYS = ("step", "exp_avg", "exp_avg_sq", "GG", "Q", "precondition_frequency", "shampoo_beta")
 
@@ -103,6 +101,9 @@ def merge_state_dicts(shards: list) -> dict:
     state = {}
     for shard in shards:
         for pid, entry in shard["state"].items():
+            if is_extra_key(pid):  # no parameter's: every shard has it
+                state.setdefault(pid, entry)
+                continue
             if pid in state and "Q" in state[pid]:
                 if "Q" in entry:
                     raise ValueError(f"merge_state_dicts: parameter {pid!r} has state in two shards")
@@ -266,6 +267,18 @@ def _entry(pid: Any, saved: Any, version: int, p: torch.Tensor, group: dict, fac
     return s
 
 
+def is_extra_key(key: Any) -> bool:
+    """A key of `optimizer.state` or of a saved "state" that is no parameter's: torch.optim keeps any key there
+    (state_dict hooks write flags such as state["test"] = 1) and carries it through state_dict() and
+    load_state_dict() unchanged. Parameters are tensors in memory and integer indices in a state_dict."""
+    return not isinstance(key, (torch.Tensor, numbers.Integral)) or isinstance(key, bool)
+
+
+def extra_state(state: dict) -> dict:
+    """The entries of `state` (optimizer.state or a saved "state") that belong to no parameter, as they are."""
+    return {k: v for k, v in state.items() if is_extra_key(k)}
+
+
 def check_and_convert(optimizer: torch.optim.Optimizer, state_dict: dict[str, Any], factor_sizes):
     """Validate `state_dict` against the optimizer's parameters; return (param_groups, {param: state}).
 
@@ -301,6 +314,8 @@ def check_and_convert(optimizer: torch.optim.Optimizer, state_dict: dict[str, An
 
     new_state: dict[torch.Tensor, dict[str, Any]] = {}
     for pid, saved in state_dict["state"].items():
+        if is_extra_key(pid):
+            continue  # not a parameter's: `extra_state` carries it
         if pid not in id_to_param:
             _fail(f"state for parameter id {pid!r}, which is in no param group")
         new_state[id_to_param[pid]] = _entry(pid, saved, version, id_to_param[pid], group_of[pid], factor_sizes)

@@ -100,8 +100,9 @@ def merge_state_dicts(shards: list) -> dict:
         raise ValueError("merge_state_dicts: no state_dicts given")
     state = {}
     for shard in shards:
+        extra = extra_state(shard["state"], shard["param_groups"])
         for pid, entry in shard["state"].items():
-            if is_extra_key(pid):  # no parameter's: every shard has it
+            if pid in extra:  # no parameter's: every shard has it
                 state.setdefault(pid, entry)
                 continue
             if pid in state and "Q" in state[pid]:
@@ -267,16 +268,21 @@ def _entry(pid: Any, saved: Any, version: int, p: torch.Tensor, group: dict, fac
     return s
 
 
-def is_extra_key(key: Any) -> bool:
-    """A key of `optimizer.state` or of a saved "state" that is no parameter's: torch.optim keeps any key there
-    (state_dict hooks write flags such as state["test"] = 1) and carries it through state_dict() and
-    load_state_dict() unchanged. Parameters are tensors in memory and integer indices in a state_dict."""
-    return not isinstance(key, (torch.Tensor, numbers.Integral)) or isinstance(key, bool)
+def _is_index(key: Any) -> bool:
+    return isinstance(key, numbers.Integral) and not isinstance(key, bool)
 
 
-def extra_state(state: dict) -> dict:
-    """The entries of `state` (optimizer.state or a saved "state") that belong to no parameter, as they are."""
-    return {k: v for k, v in state.items() if is_extra_key(k)}
+def extra_state(state: dict, saved_groups: Any = None) -> dict:
+    """The entries of a "state" that belong to no parameter, as they are: torch.optim keeps any key there (state_dict
+    hooks write flags such as state["test"] = 1) and carries it through state_dict() and load_state_dict().
+
+    In `optimizer.state` (saved_groups None) the parameters are the tensor keys. In a saved "state" they are the
+    entries its param groups list (indices, or the FQNs torch.distributed.checkpoint writes); an integer key that no
+    group lists is a parameter missing from the groups (an error of `check_and_convert`), not extra state."""
+    if saved_groups is None:
+        return {k: v for k, v in state.items() if not isinstance(k, torch.Tensor)}
+    listed = {pid for g in saved_groups for pid in g["params"]}
+    return {k: v for k, v in state.items() if k not in listed and not _is_index(k)}
 
 
 def check_and_convert(optimizer: torch.optim.Optimizer, state_dict: dict[str, Any], factor_sizes):
@@ -314,8 +320,8 @@ def check_and_convert(optimizer: torch.optim.Optimizer, state_dict: dict[str, An
 
     new_state: dict[torch.Tensor, dict[str, Any]] = {}
     for pid, saved in state_dict["state"].items():
-        if is_extra_key(pid):
-            continue  # not a parameter's: `extra_state` carries it
+        if pid not in id_to_param and not _is_index(pid):
+            continue  # no parameter's: `extra_state` carries it
         if pid not in id_to_param:
             _fail(f"state for parameter id {pid!r}, which is in no param group")
         new_state[id_to_param[pid]] = _entry(pid, saved, version, id_to_param[pid], group_of[pid], factor_sizes)

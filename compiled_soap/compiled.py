@@ -387,7 +387,7 @@ class CompiledSOAP(torch.optim.Optimizer):
         state = {index[p]: s for p, s in state.items() if index[p] in owned}
         self._owner.pre_init_skipped = {i: s["skipped"] for i, s in state.items() if "Q" not in s}
         dict.clear(self.state)  # as torch.optim replaces it: keys that are no parameter's come from the checkpoint
-        self.state.update(extra_state(state_dict["state"]))
+        self.state.update(extra_state(state_dict["state"], state_dict["param_groups"]))
         self._rebuild({i: s for i, s in state.items() if "Q" in s})
 
     def _warn_if_another_ranks_shard(self, saved_by) -> None:

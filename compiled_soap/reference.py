@@ -142,7 +142,7 @@ class SOAP(torch.optim.Optimizer):
         # torch.optim's loader would cast the fp32 state of a bf16 parameter down to bf16: do it ourselves.
         groups, state = check_and_convert(self, state_dict, self._factor_sizes)
         self.param_groups = groups
-        self.state = defaultdict(dict, {**state, **extra_state(state_dict["state"])})
+        self.state = defaultdict(dict, {**state, **extra_state(state_dict["state"], state_dict["param_groups"])})
 
     def _factor_sizes(self, p: torch.Tensor, group: dict) -> list:
         limit = _number(group["max_precond_dim"])

@@ -110,6 +110,12 @@ class CompiledSOAP(torch.optim.Optimizer):
     def compile_seconds(self) -> float:
         return self._compiler.compile_seconds
 
+    @property
+    def sharded(self) -> bool:
+        """Whether this optimizer shards its parameters over ranks (decided at the first step, load or state_dict
+        after the param groups change)."""
+        return self._exchange is not None
+
     # ------------------------------------------------------------------ param groups
 
     def add_param_group(self, param_group: dict) -> None:

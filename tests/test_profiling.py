@@ -18,6 +18,7 @@ import pytest
 from profiling import flop_model as flops
 from profiling import summarize
 from profiling.presets import PRESETS
+from tests.spawning import SUBPROCESS_TIMEOUT_S
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -30,7 +31,7 @@ def run_bench(tmp_path, optimizers, *extra):
     cmd = [sys.executable, "-m", "profiling.bench", "--preset", "tiny", "--device", "cpu",
            "--json", str(out), "--steps", "2", "--repeats", "2", "--refresh-period", "2", "--threads", "1",
            "--optimizers", ",".join(optimizers), "--torch-profile", str(trace), *extra]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT_S, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return json.loads(out.read_text()), out, trace, proc.stdout
 

@@ -45,8 +45,6 @@ from .hyperparameters import validate_hyperparameters
 from .validation import state_dtype
 
 FORMAT_VERSION = 2
-SAVED_KEYS = ("step", "exp_avg", "exp_avg_sq", "GG", "Q", "precondition_frequency", "shampoo_beta", "skipped",
-              "refresh_clock")
 _TENSOR_KEYS = ("exp_avg", "exp_avg_sq")
 _REQUIRED_KEYS = ("step", "exp_avg", "exp_avg_sq", "GG", "Q", "precondition_frequency", "shampoo_beta")
 
@@ -102,7 +100,11 @@ def merge_state_dicts(shards: list) -> dict:
         raise ValueError("merge_state_dicts: no state_dicts given")
     state = {}
     for shard in shards:
+        extra = extra_state(shard["state"], shard["param_groups"])
         for pid, entry in shard["state"].items():
+            if pid in extra:  # no parameter's: every shard has it
+                state.setdefault(pid, entry)
+                continue
             if pid in state and "Q" in state[pid]:
                 if "Q" in entry:
                     raise ValueError(f"merge_state_dicts: parameter {pid!r} has state in two shards")
@@ -266,6 +268,23 @@ def _entry(pid: Any, saved: Any, version: int, p: torch.Tensor, group: dict, fac
     return s
 
 
+def _is_index(key: Any) -> bool:
+    return isinstance(key, numbers.Integral) and not isinstance(key, bool)
+
+
+def extra_state(state: dict, saved_groups: Any = None) -> dict:
+    """The entries of a "state" that belong to no parameter, as they are: torch.optim keeps any key there (state_dict
+    hooks write flags such as state["test"] = 1) and carries it through state_dict() and load_state_dict().
+
+    In `optimizer.state` (saved_groups None) the parameters are the tensor keys. In a saved "state" they are the
+    entries its param groups list (indices, or the FQNs torch.distributed.checkpoint writes); an integer key that no
+    group lists is a parameter missing from the groups (an error of `check_and_convert`), not extra state."""
+    if saved_groups is None:
+        return {k: v for k, v in state.items() if not isinstance(k, torch.Tensor)}
+    listed = {pid for g in saved_groups for pid in g["params"]}
+    return {k: v for k, v in state.items() if k not in listed and not _is_index(k)}
+
+
 def check_and_convert(optimizer: torch.optim.Optimizer, state_dict: dict[str, Any], factor_sizes):
     """Validate `state_dict` against the optimizer's parameters; return (param_groups, {param: state}).
 
@@ -301,6 +320,8 @@ def check_and_convert(optimizer: torch.optim.Optimizer, state_dict: dict[str, An
 
     new_state: dict[torch.Tensor, dict[str, Any]] = {}
     for pid, saved in state_dict["state"].items():
+        if pid not in id_to_param and not _is_index(pid):
+            continue  # no parameter's: `extra_state` carries it
         if pid not in id_to_param:
             _fail(f"state for parameter id {pid!r}, which is in no param group")
         new_state[id_to_param[pid]] = _entry(pid, saved, version, id_to_param[pid], group_of[pid], factor_sizes)

@@ -24,8 +24,8 @@ import torch
 import torch.distributed as dist
 
 from . import stacked
-from .checkpoint import FORMAT_VERSION, check_and_convert, load_state_dict_with_hooks, merge_state_dicts, \
-    saved_entry, state_dict_with_hooks
+from .checkpoint import FORMAT_VERSION, check_and_convert, extra_state, load_state_dict_with_hooks, \
+    merge_state_dicts, saved_entry, state_dict_with_hooks
 from .compilation import StepCompiler
 from .hyper_table import HyperTable, copy_from_host
 from .hyperparameters import checked_defaults, validate_param_group
@@ -120,6 +120,12 @@ class CompiledSOAP(torch.optim.Optimizer):
     @property
     def compile_seconds(self) -> float:
         return self._compiler.compile_seconds
+
+    @property
+    def sharded(self) -> bool:
+        """Whether this optimizer shards its parameters over ranks (decided at the first step, load or state_dict
+        after the param groups change)."""
+        return self._exchange is not None
 
     # ------------------------------------------------------------------ param groups
 
@@ -390,7 +396,8 @@ class CompiledSOAP(torch.optim.Optimizer):
             self._apply_state_edits()
         state = {i: saved_entry(_host_entry(e)) for i, e in self._owner.entries().items()}
         state.update({i: {"skipped": n} for i, n in self._owner.pre_init_skipped.items() if n})
-        out = {"state": dict(sorted(state.items())), "param_groups": self._packed_groups(),
+        state = {**dict(sorted(state.items())), **extra_state(self.state)}  # extra: keys that are no parameter's
+        out = {"state": state, "param_groups": self._packed_groups(),
                "format_version": FORMAT_VERSION}
         if self._exchange is not None:  # the entries of this rank's parameters only, and who owns the others
             out["shard"] = {"rank": self._exchange.rank, "world_size": self._exchange.world,
@@ -425,6 +432,8 @@ class CompiledSOAP(torch.optim.Optimizer):
         self.state.held_elsewhere = self._exchange is not None and any(index[p] not in owned for p in state)
         state = {index[p]: s for p, s in state.items() if index[p] in owned}
         self._owner.pre_init_skipped = {i: s["skipped"] for i, s in state.items() if "Q" not in s}
+        dict.clear(self.state)  # as torch.optim replaces it: keys that are no parameter's come from the checkpoint
+        self.state.update(extra_state(state_dict["state"], state_dict["param_groups"]))
         self._rebuild({i: s for i, s in state.items() if "Q" in s})
 
     def _warn_if_another_ranks_shard(self, saved_by) -> None:

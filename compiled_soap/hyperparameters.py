@@ -18,7 +18,7 @@ from typing import Any, Callable, NamedTuple
 import numpy as np
 import torch
 
-from .validation import validate_param
+from .validation import split_names, validate_param
 
 DATA_FORMATS = ("channels_first", "channels_last")
 
@@ -46,11 +46,11 @@ def _is_integer(x: Any) -> bool:
 def _check_lr(lr: Any) -> None:
     value = lr
     if isinstance(lr, torch.Tensor):
-        if lr.numel() != 1:
-            raise ValueError(f"Invalid lr: a tensor lr must have one element, got shape {tuple(lr.shape)}")
+        if lr.numel() != 1:  # torch.optim's wording
+            raise ValueError(f"Tensor lr must be 1-element (got shape {tuple(lr.shape)})")
         value = lr.item()
     if not _is_real(value) or value < 0:
-        raise ValueError(f"Invalid lr: {lr!r} (must be a finite number >= 0)")
+        raise ValueError(f"Invalid learning rate: {lr!r} (lr must be a finite number >= 0)")
 
 
 def _check_betas(betas: Any) -> None:
@@ -58,7 +58,8 @@ def _check_betas(betas: Any) -> None:
         raise ValueError(f"Invalid betas: {betas!r} (must be a pair (beta1, beta2))")
     for i, b in enumerate(betas):
         if not _is_real(b) or not 0.0 <= b < 1.0:
-            raise ValueError(f"Invalid betas: beta{i + 1}={b!r} in {tuple(betas)!r} (each must be in [0, 1))")
+            raise ValueError(f"Invalid beta parameter at index {i}: {b!r} (betas={tuple(betas)!r}; each must be in "
+                             "[0, 1))")
 
 
 def _check_shampoo_beta(sb: Any) -> None:
@@ -70,12 +71,12 @@ def _check_eps(eps: Any) -> None:
     if not _is_real(eps) or eps <= 0:
         # eps = 0 is legal in torch.optim.Adam, but here any exactly-zero projected gradient component (an unused
         # embedding row, an all-zero gradient) would be 0/0 = NaN and poison the parameter: refuse it.
-        raise ValueError(f"Invalid eps: {eps!r} (must be a finite number > 0)")
+        raise ValueError(f"Invalid epsilon value: {eps!r} (eps must be a finite number > 0)")
 
 
 def _check_weight_decay(wd: Any) -> None:
     if not _is_real(wd) or wd < 0:
-        raise ValueError(f"Invalid weight_decay: {wd!r} (must be a finite number >= 0)")
+        raise ValueError(f"Invalid weight_decay value: {wd!r} (must be a finite number >= 0)")
 
 
 def _check_positive_integer(name: str) -> Callable[[Any], None]:
@@ -130,9 +131,6 @@ HYPERPARAMETERS: tuple[Hyperparameter, ...] = (
 
 DEFAULTS: dict[str, Any] = {h.name: h.default for h in HYPERPARAMETERS}
 
-# Options that decide a parameter's layout (its factors and merged shape): they must not change after its first step.
-STRUCTURAL = ("merge_dims", "max_precond_dim", "precondition_1d", "data_format")
-
 
 def validate_hyperparameters(group: dict[str, Any]) -> None:
     """Raise ValueError naming the first bad hyperparameter (in constructor order) of a param group or defaults."""
@@ -150,11 +148,16 @@ def checked_defaults(arguments: dict[str, Any]) -> dict[str, Any]:
 def validate_param_group(group: dict, defaults: dict) -> None:
     """Check a param group before it is added.
 
-    Its "params" become a list (a generator, e.g. model.parameters(), would otherwise be consumed by the check). The
-    same tensor listed twice is an error: torch.optim only warns, and SOAP would step it twice with one state.
+    Its "params" become a list (a generator, e.g. model.parameters(), would otherwise be consumed by the check), and
+    named parameters ((name, tensor) pairs) are split as torch.optim splits them (`split_names`). The same tensor
+    listed twice is an error: torch.optim only warns, and SOAP would step it twice with one state.
     """
     params = group["params"]
+    if isinstance(params, set):  # torch.optim's check, which would come too late: the set is a list by then
+        raise TypeError("optimizer parameters need to be organized in ordered collections, but the ordering of "
+                        "tensors in sets will change between runs. Please use a list instead.")
     group["params"] = [params] if isinstance(params, torch.Tensor) else list(params)
+    split_names(group)
     first_position: dict[int, int] = {}
     for j, p in enumerate(group["params"]):
         validate_param(p)

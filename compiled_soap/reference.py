@@ -30,7 +30,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 
-from .checkpoint import (FORMAT_VERSION, check_and_convert, load_state_dict_with_hooks, saved_entry,
+from .checkpoint import (FORMAT_VERSION, check_and_convert, extra_state, load_state_dict_with_hooks, saved_entry,
                          state_dict_with_hooks)
 from .hyperparameters import checked_defaults, validate_hyperparameters, validate_param_group
 from .validation import is_dtensor, state_dtype, validate_grad
@@ -111,7 +111,7 @@ class SOAP(torch.optim.Optimizer):
         if not had_differentiable:  # torch.optim adds it; it is no hyperparameter of SOAP's
             self.defaults.pop("differentiable", None)
         for s in self.state.values():  # pickled before the refresh clock existed: no call was skipped since init
-            if "Q" in s and "refresh_clock" not in s:
+            if isinstance(s, dict) and "Q" in s and "refresh_clock" not in s:
                 s["refresh_clock"] = s["step"]
 
     # ------------------------------------------------------------------ checkpoints (spec §9)
@@ -132,6 +132,7 @@ class SOAP(torch.optim.Optimizer):
                 s = self.state.get(p)
                 if s and ("Q" in s or s.get("skipped", 0)):  # not the empty entries a lookup of self.state[p] makes
                     state[index[id(p)]] = saved_entry(s)
+        state.update(extra_state(self.state))  # keys that are no parameter's, kept as torch.optim keeps them
         return {"state": state, "param_groups": groups, "format_version": FORMAT_VERSION}
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -141,7 +142,7 @@ class SOAP(torch.optim.Optimizer):
         # torch.optim's loader would cast the fp32 state of a bf16 parameter down to bf16: do it ourselves.
         groups, state = check_and_convert(self, state_dict, self._factor_sizes)
         self.param_groups = groups
-        self.state = defaultdict(dict, state)
+        self.state = defaultdict(dict, {**state, **extra_state(state_dict["state"], state_dict["param_groups"])})
 
     def _factor_sizes(self, p: torch.Tensor, group: dict) -> list:
         limit = _number(group["max_precond_dim"])
@@ -208,6 +209,8 @@ class SOAP(torch.optim.Optimizer):
             return
 
         lr, eps, weight_decay = _number(group["lr"]), _number(group["eps"]), _number(group["weight_decay"])
+        if isinstance(lr, torch.Tensor):  # any one-element shape torch.optim accepts ([], [1], [1, 1]) as a scalar
+            lr = lr.reshape(())
         beta1, beta2 = (_number(b) for b in group["betas"])
         # §3.1: project with the current basis.
         grad_projected = self._project(grad, state, group)

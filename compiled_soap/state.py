@@ -83,12 +83,21 @@ class StateTable(defaultdict):
         return entry
 
     def __setitem__(self, key, value):
+        if not isinstance(key, torch.Tensor):  # not a parameter's: kept as it is, as torch.optim keeps it
+            dict.__setitem__(self, key, value)
+            return
         dict.__setitem__(self, key, ParamState(self, key, value))
         self.edited.add(key)
 
     def __delitem__(self, key):
         dict.__delitem__(self, key)
-        self.edited.add(key)
+        if isinstance(key, torch.Tensor):
+            self.edited.add(key)
+
+    def clear_parameters(self) -> None:
+        """Drop every parameter's entry (not an edit), keeping the keys that are no parameter's."""
+        for key in [k for k in self if isinstance(k, torch.Tensor)]:
+            dict.__delitem__(self, key)
 
     def __reduce_ex__(self, protocol):
         return (dict, (dict(self),))
@@ -277,7 +286,7 @@ class StackedState:
     def publish(self, table: StateTable, params: list) -> None:
         """Fill `table` (optimizer.state) with views of the stacks; parameters without state get no entry, or just
         their skip count (like SOAP)."""
-        dict.clear(table)
+        table.clear_parameters()
         table.edited.clear()
         for i, e in self.entries().items():
             table.publish(params[i], e)

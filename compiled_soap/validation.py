@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["validate_param", "validate_grad", "state_dtype"]
+__all__ = ["validate_param", "validate_grad", "state_dtype", "split_names"]
 
 
 def is_dtensor(t) -> bool:
@@ -20,10 +20,24 @@ def is_dtensor(t) -> bool:
     return isinstance(t, DTensor)
 
 
+def split_names(group: dict) -> None:
+    """Named parameters, as torch.optim takes them (`model.named_parameters()`: (name, tensor) pairs): the tensors
+    stay in "params" and the names go to the group's "param_names", with torch.optim's error when only some
+    parameters are named. A group without names is left as it is."""
+    items = group["params"]
+    names = [item[0] for item in items if isinstance(item, tuple)]
+    if not names:
+        return
+    if len(names) != len(items):
+        raise ValueError("all optimizer params should be with/without names. Some param names are missing")
+    group["params"] = [item[1] for item in items]
+    group["param_names"] = names
+
+
 def validate_param(p: torch.Tensor) -> None:
     """Reject parameters SOAP cannot optimise, before any state exists."""
     if not isinstance(p, torch.Tensor):
-        raise TypeError(f"SOAP optimises tensors; got {type(p).__name__}")
+        raise TypeError(f"optimizer can only optimize Tensors, but one of the params is {torch.typename(p)}")
     if p.is_complex():
         raise ValueError(f"SOAP does not support complex parameters (got dtype {p.dtype})")
     if not p.is_floating_point():

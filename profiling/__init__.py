@@ -4,7 +4,6 @@
     python -m profiling.bench_host
     python -m profiling.bench_orthogonalization --device cuda --sizes gpt2-small,pr118-h1024 --batch 16
     python -m profiling.summarize TRACE.json|REPORT.sqlite
-    python -m profiling.cuda_capture_check --outdir runs/capture
 
 profiling/README.md describes each one; profiling/gpu_session.sh runs them in stages on a GPU machine.
 """

@@ -209,7 +209,7 @@ def _run_case(rank, world, how, shard, cfg, device) -> dict:
     owned = opt.owned_parameters()
     out = {"times": times, "kinds": kinds, "owned": owned, "state_bytes": _tensor_bytes(opt.state_dict()["state"]),
            "sent_per_step": sum(sent) / cfg["steps"], "collectives_per_step": len(sent) / cfg["steps"],
-           "sharded": opt._exchange is not None}
+           "sharded": opt.sharded}
     del model, opt
     gc.collect()
     return out

@@ -3,10 +3,9 @@
 # each fit one 10-minute command. Run from anywhere; OUTDIR is taken relative to the current directory:
 #
 #   profiling/gpu_session.sh OUTDIR tests                # CUDA tests: tests/test_cuda.py, tests/test_graph_checks.py
-#   profiling/gpu_session.sh OUTDIR capture [ARGS...]    # profiling/cuda_capture_check.py: which linear algebra
-#                                                        # captures, cudagraph skips / re-records of CompiledSOAP
-#                                                        # alone and next to a reduce-overhead model (ARGS go to
-#                                                        # the script, e.g. --parts a,b then --parts c)
+#   profiling/gpu_session.sh OUTDIR capture [ARGS...]    # tests/test_cuda_capture.py: which linear algebra
+#                                                        # captures; CompiledSOAP next to a reduce-overhead model
+#                                                        # (ARGS go to pytest, e.g. -k linear_algebra)
 #   profiling/gpu_session.sh OUTDIR orthogonalization    # Householder vs CholeskyQR at the presets' factor sizes
 #   profiling/gpu_session.sh OUTDIR host [ARGS...]       # bench_host.py tables, parameters on cuda, then on cpu
 #   profiling/gpu_session.sh OUTDIR bench PRESET... [--BENCH-OPTION ...]   # bench.py per preset: JSON, PNG, table
@@ -63,7 +62,7 @@ case "$stage" in
         run cuda_tests.log python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_graph_checks.py
         ;;
     capture)
-        run capture.log python3 -m profiling.cuda_capture_check --outdir "$out/capture" "$@"
+        run capture.log python3 -m pytest -q -p no:cacheprovider tests/test_cuda_capture.py -rxs "$@"
         ;;
     orthogonalization)
         run orthogonalization.log python3 -m profiling.bench_orthogonalization --device cuda \

@@ -42,6 +42,10 @@ class Preset:
     def numel(self) -> int:
         return sum(_prod(s) for _, s in self.shapes())
 
+    def describe(self) -> str:
+        return (f"GPT-2-style, {self.layers} layers, d_model {self.d_model}, MLP {self.d_mlp}, vocab {self.vocab}, "
+                f"context {self.ctx}, LM head tied to the token embedding")
+
 
 PRESETS = {
     p.name: p
@@ -56,6 +60,8 @@ PRESETS = {
         # refresh there; ours has 3 more: the embeddings, which that count left out).
         Preset("pr118-h1024", layers=12, d_model=1024, d_mlp=4096, vocab=50257, ctx=1024, note="PR #118, hidden 1024"),
         Preset("pr118-h2048", layers=12, d_model=2048, d_mlp=4096, vocab=50257, ctx=1024, note="PR #118, hidden 2048"),
+        # 1,114,290,176 parameters: the model of profiling/scale_estimate.py's 8-GPU estimate (docs/distributed.md).
+        Preset("gpt-1b", layers=20, d_model=2048, d_mlp=8192, vocab=50257, ctx=2048, note="GPT-style, 1.1B"),
     ]
 }
 

@@ -47,45 +47,14 @@ import torch
 
 from compiled_soap.ownership import ELEMENTWISE_FLOPS, assign_owners, item_flops, state_bytes
 from profiling import flop_model as fm
+from profiling.presets import PRESETS, Preset
 
 VARIANT = "batched"  # the compiled step: 3 units per plain step, 5 units + M·Q and QR terms per refresh
 BYTES = {"fp32": 4, "bf16": 2}
 DTYPE = torch.float32  # the planner's class key; owners do not depend on it when the whole model has one dtype
 
 
-@dataclass(frozen=True)
-class GPTConfig:
-    """GPT-2 layout: token and position embeddings, per block LN, fused QKV, attention output, LN, MLP; final LN;
-    LM head tied to the token embedding (no parameter of its own). Weights are (out, in)."""
-
-    layers: int
-    d_model: int
-    d_mlp: int
-    vocab: int
-    ctx: int
-
-    def shapes(self) -> list[tuple[str, tuple[int, ...]]]:
-        d, h = self.d_model, self.d_mlp
-        out = [("wte", (self.vocab, d)), ("wpe", (self.ctx, d))]
-        for i in range(self.layers):
-            p = f"h{i}."
-            out += [
-                (p + "ln_1.weight", (d,)), (p + "ln_1.bias", (d,)),
-                (p + "attn.qkv.weight", (3 * d, d)), (p + "attn.qkv.bias", (3 * d,)),
-                (p + "attn.proj.weight", (d, d)), (p + "attn.proj.bias", (d,)),
-                (p + "ln_2.weight", (d,)), (p + "ln_2.bias", (d,)),
-                (p + "mlp.fc.weight", (h, d)), (p + "mlp.fc.bias", (h,)),
-                (p + "mlp.proj.weight", (d, h)), (p + "mlp.proj.bias", (d,)),
-            ]
-        out += [("ln_f.weight", (d,)), ("ln_f.bias", (d,))]
-        return out
-
-    def describe(self) -> str:
-        return (f"GPT-2-style, {self.layers} layers, d_model {self.d_model}, MLP {self.d_mlp}, vocab {self.vocab}, "
-                f"context {self.ctx}, LM head tied to the token embedding")
-
-
-GPT_1B = GPTConfig(layers=20, d_model=2048, d_mlp=8192, vocab=50257, ctx=2048)
+GPT_1B = PRESETS["gpt-1b"]  # the model shapes come from profiling/presets.py only
 
 
 def numel(shape) -> int:
@@ -285,7 +254,7 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def report(cfg: GPTConfig, worlds: list[int], detail_world: int, period: int, max_precond_dim: int,
+def report(cfg: Preset, worlds: list[int], detail_world: int, period: int, max_precond_dim: int,
            bus_gbps: float, tflops: float) -> str:
     shapes = cfg.shapes()
     items = make_items(shapes, period, max_precond_dim)
@@ -416,13 +385,9 @@ def main(argv=None) -> int:
     ap.add_argument("--tflops", type=float, default=400.0, help="assumed effective optimizer FLOP rate, TFLOP/s")
     ap.add_argument("--precondition-frequency", type=int, default=10)
     ap.add_argument("--max-precond-dim", type=int, default=10000)
-    ap.add_argument("--layers", type=int, default=GPT_1B.layers)
-    ap.add_argument("--d-model", type=int, default=GPT_1B.d_model)
-    ap.add_argument("--d-mlp", type=int, default=None, help="default 4 x d-model")
-    ap.add_argument("--vocab", type=int, default=GPT_1B.vocab)
-    ap.add_argument("--ctx", type=int, default=GPT_1B.ctx)
+    ap.add_argument("--preset", default=GPT_1B.name, choices=sorted(PRESETS), help="model shapes (profiling/presets.py)")
     a = ap.parse_args(argv)
-    cfg = GPTConfig(a.layers, a.d_model, a.d_mlp or 4 * a.d_model, a.vocab, a.ctx)
+    cfg = PRESETS[a.preset]
     worlds = [int(w) for w in a.world_sizes.split(",") if w.strip()]
     print(report(cfg, worlds, a.world, a.precondition_frequency, a.max_precond_dim, a.bus_gbps, a.tflops))
     return 0

@@ -1,26 +1,21 @@
-"""Shared test fixtures: the registry of optimizer variants and a few helpers.
+"""Shared test fixtures and helpers; the optimizer variants come from the one registry, tests/registry.py.
 
-Every equivalence and contract test that says `variant` runs for each entry of VARIANTS: the reference `SOAP` and
-`CompiledSOAP` eagerly (the stacked math without tracing) and traced by Dynamo + AOTAutograd (`aot_eager`).
-Inductor on CPU takes minutes to compile, so it is a separate, opt-in entry (`INDUCTOR`) used by a few tests.
+Every equivalence and contract test that says `variant` runs for each default entry of the registry: the reference
+`SOAP` and `CompiledSOAP` eagerly (the stacked math without tracing) and traced by Dynamo + AOTAutograd
+(`aot_eager`). Inductor on CPU takes minutes to compile, so it is a separate, opt-in entry (`INDUCTOR`) used by a few
+tests.
 """
 
 from __future__ import annotations
 
-import functools
-
 import pytest
 import torch
 
-from compiled_soap import SOAP, CompiledSOAP
+from registry import BY_NAME, REGISTRY
 
-VARIANTS = {
-    "soap": SOAP,
-    "stacked-eager": functools.partial(CompiledSOAP, compile=False),
-    "aot-eager": functools.partial(CompiledSOAP, backend="aot_eager"),
-}
+VARIANTS = {v.name: v for v in REGISTRY if not v.slow}
 FAST_VARIANTS = {k: VARIANTS[k] for k in ("soap", "stacked-eager")}
-INDUCTOR = functools.partial(CompiledSOAP, mode=None)
+INDUCTOR = BY_NAME["inductor"]
 
 
 @pytest.fixture(autouse=True)
@@ -67,6 +62,16 @@ def relative_deviation(a, b, start):
     move = sum(float((x.detach() - s.detach()).double().norm() ** 2) for x, s in zip(a, start)) ** 0.5
     dev = sum(float((x.detach() - y.detach()).double().norm() ** 2) for x, y in zip(a, b)) ** 0.5
     return dev / max(move, 1e-300)
+
+
+def train(opt, params, calls, grads=full_rank_grads, start=0):
+    """The training loop of the tests: `calls` optimizer steps with `grads(params, call)` as the gradients (None for
+    a parameter without one), calls numbered from `start`."""
+    for call in range(start, start + calls):
+        for p, g in zip(params, grads(params, call)):
+            p.grad = None if g is None else g.clone()
+        opt.step()
+    return params
 
 
 def bitwise_equal(xs, ys) -> bool:

@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import datetime
 import time
 
 import torch.multiprocessing as mp
+
+# Every limit on a process the tests start, stated once. Generous on purpose: on a loaded machine (2 cores shared with
+# other CPU-heavy work) a test may get slow, it must not fail; the limits only turn a hang into a failure.
+COLLECTIVE_TIMEOUT = datetime.timedelta(seconds=300)  # one rank waiting in one collective (init_process_group)
+SPAWN_DEADLINE_S = 900  # a whole spawn of ranks, whatever happens in it
+SUBPROCESS_TIMEOUT_S = 900  # a script run as a subprocess (the examples, the benchmarks)
 
 
 def spawn_with_deadline(worker, args: tuple, world: int, deadline_s: float) -> None:

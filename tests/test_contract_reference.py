@@ -46,7 +46,6 @@ def test_hyperparameters_defined_once_in_constructor_order():
     assert [(h.name, h.default) for h in hp.HYPERPARAMETERS] == SPEC_DEFAULTS
     assert all(type(h.default) is type(d) for h, (_, d) in zip(hp.HYPERPARAMETERS, SPEC_DEFAULTS))
     assert list(hp.DEFAULTS.items()) == SPEC_DEFAULTS
-    assert hp.STRUCTURAL == ("merge_dims", "max_precond_dim", "precondition_1d", "data_format")
     assert all(isinstance(h, hp.Hyperparameter) and h._fields == ("name", "default", "check", "doc") and h.doc
                for h in hp.HYPERPARAMETERS)
     for h in hp.HYPERPARAMETERS:
@@ -70,15 +69,15 @@ def test_checked_defaults_takes_the_hyperparameters_from_locals():
     args = {"self": object(), "params": [], "compile": True, **hp.DEFAULTS, "lr": np.float32(0.5)}
     out = hp.checked_defaults(args)
     assert list(out) == [name for name, _ in SPEC_DEFAULTS] and out["lr"] == np.float32(0.5)
-    with pytest.raises(ValueError, match=r"Invalid eps: 0"):
+    with pytest.raises(ValueError, match=r"Invalid epsilon value: 0"):
         hp.checked_defaults({**args, "eps": 0})
 
 
 def test_first_bad_hyperparameter_in_constructor_order_is_named():
     group = {**hp.DEFAULTS, "betas": (1.0, 0.5), "eps": -1.0, "correct_bias": "yes"}
-    with pytest.raises(ValueError, match=r"^Invalid betas: beta1=1.0 in \(1.0, 0.5\) \(each must be in \[0, 1\)\)$"):
+    with pytest.raises(ValueError, match=r"^Invalid beta parameter at index 0: 1.0 \(betas=\(1.0, 0.5\); each must be in \[0, 1\)\)$"):
         hp.validate_hyperparameters(group)
-    with pytest.raises(ValueError, match=r"^Invalid eps: -1.0 \(must be a finite number > 0\)$"):
+    with pytest.raises(ValueError, match=r"^Invalid epsilon value: -1.0 \(eps must be a finite number > 0\)$"):
         hp.validate_hyperparameters({**group, "betas": (0.9, 0.9)})
     with pytest.raises(ValueError, match=r"^Invalid correct_bias: 'yes' \(must be a bool\)$"):
         hp.validate_hyperparameters({**group, "betas": (0.9, 0.9), "eps": 1e-8})

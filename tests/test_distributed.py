@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import builtins
 import copy
-import datetime
 import io
 import os
 import traceback
@@ -30,7 +29,7 @@ import torch
 import torch.distributed as dist
 
 from compiled_soap import SOAP, CompiledSOAP, factors_as_dicts
-from tests.spawning import spawn_with_deadline
+from tests.spawning import COLLECTIVE_TIMEOUT as TIMEOUT, SPAWN_DEADLINE_S, spawn_with_deadline
 
 STEPS = 8
 BEFORE, AFTER = 4, 4  # calls before a checkpoint (the first only initialises) and after it; AFTER crosses a refresh
@@ -41,8 +40,6 @@ INNER = {  # the optimizer classes under test, with their extra arguments
 }
 SAVED_KEYS = ["step", "exp_avg", "exp_avg_sq", "GG", "Q", "precondition_frequency", "shampoo_beta", "skipped",
               "refresh_clock"]
-TIMEOUT = datetime.timedelta(seconds=60)  # a rank left waiting in a collective fails instead of hanging
-SPAWN_DEADLINE_S = 180  # the whole spawn, whatever happens in it
 
 
 def _data():

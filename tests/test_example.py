@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 import compiled_soap
+from tests.spawning import SUBPROCESS_TIMEOUT_S
 
 SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "train_gpt.py"
 STEPS = 40
@@ -27,7 +28,7 @@ OPTIMIZERS = ["adamw", "soap"] + (["compiled-soap"] if getattr(compiled_soap, "C
 
 def run_example(out: Path, *extra: str) -> dict:
     proc = subprocess.run([sys.executable, str(SCRIPT), *TINY, "--out", str(out), *extra],
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT_S)
     assert proc.returncode == 0, f"stdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}"
     return json.loads((out / "summary.json").read_text())
 

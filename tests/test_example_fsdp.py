@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch.distributed as dist
+from tests.spawning import SUBPROCESS_TIMEOUT_S
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not available")
 
@@ -30,7 +31,6 @@ STEPS, SAVE_AT = 30, 15
 TINY = ["--steps", str(STEPS), "--n-layer", "1", "--n-embd", "32", "--n-head", "2", "--block-size", "32",
         "--batch-size", "8", "--precondition-frequency", "5", "--data-bytes", "200000", "--lr", "1e-2",
         "--log-every", "5"]
-TIMEOUT_S = 120
 N_PARAMS = 17  # embeddings 2, one block 12 (two LayerNorms, qkv, proj, two MLP Linears), final LayerNorm 2, head 1
 
 
@@ -39,7 +39,7 @@ def run_example(out: Path, nproc: int, *extra: str) -> dict:
            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
            str(SCRIPT), *TINY, "--out", str(out), *extra]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT_S, env=env)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT_S, env=env)
     assert proc.returncode == 0, f"stdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}"
     result = json.loads((out / "losses.json").read_text())
     result["stdout"] = proc.stdout

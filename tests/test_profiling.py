@@ -1,5 +1,5 @@
-"""CPU checks of the profiling kit: bench.py end to end on the tiny preset, summarize.py on synthetic traces,
-cuda_capture_check.py's own machinery (--dry-run, the verdicts, the bookkeeping of its child processes).
+"""CPU checks of the profiling kit: bench.py end to end on the tiny preset, summarize.py on synthetic traces.
+(The CUDA capture checks are tests: tests/test_cuda_capture.py.)
 
 The bench smoke runs all four optimizers on the tiny preset; compiled-soap with the aot_eager backend (Inductor's
 C++ compilation takes minutes on a 2-core CPU; aot_eager traces the same graphs in ~20 s). The profiling kit is a
@@ -18,6 +18,7 @@ import pytest
 from profiling import flop_model as flops
 from profiling import summarize
 from profiling.presets import PRESETS
+from tests.spawning import SUBPROCESS_TIMEOUT_S
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -30,7 +31,7 @@ def run_bench(tmp_path, optimizers, *extra):
     cmd = [sys.executable, "-m", "profiling.bench", "--preset", "tiny", "--device", "cpu",
            "--json", str(out), "--steps", "2", "--repeats", "2", "--refresh-period", "2", "--threads", "1",
            "--optimizers", ",".join(optimizers), "--torch-profile", str(trace), *extra]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT_S, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return json.loads(out.read_text()), out, trace, proc.stdout
 
@@ -132,7 +133,7 @@ def test_bench_hyperparameters_and_orthogonalization(monkeypatch):
         bench.parse_args(["--preset", "tiny", "--device", "cpu", "--orthogonalization", "gram-schmidt"])
 
 
-@pytest.mark.parametrize("module", ["bench_host", "bench_orthogonalization", "summarize", "cuda_capture_check"])
+@pytest.mark.parametrize("module", ["bench_host", "bench_orthogonalization", "summarize"])
 def test_modules_run_as_package(module, capsys):
     """Every script is a module of the profiling package (`python -m profiling.<name>`), no sys.path edits."""
     import importlib
@@ -142,158 +143,6 @@ def test_modules_run_as_package(module, capsys):
         mod.main(["--help"])
     assert exit_info.value.code == 0
     assert f"python -m profiling.{module}" in capsys.readouterr().out
-
-
-# ------------------------------------------------------------------ cuda_capture_check.py (its CPU-checkable parts)
-
-
-def test_capture_check_dry_run(tmp_path):
-    """The whole orchestration on the CPU: one child process per op and per (part, method), the tables, the JSON."""
-    cmd = [sys.executable, "-m", "profiling.cuda_capture_check", "--dry-run", "--ops", "soap_cholesky",
-           "--methods", "cholesky", "--period", "2", "--steps-b", "7", "--steps-c", "7", "--outdir", str(tmp_path)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    data = json.loads((tmp_path / "capture.json").read_text())
-    assert data["env"]["command"].startswith("python -m profiling.cuda_capture_check --dry-run")
-    rows = data["rows"]
-    part_a = [r for r in rows if r["part"] == "a"]
-    assert [(r["d"], r["batch"]) for r in part_a] == [(8, 1), (8, 2), (9, 1), (9, 2)]
-    assert all(r["op"] == "soap_cholesky" and r["result"] == "ok" and r["required"] for r in part_a)
-    bc = {r["part"]: r for r in rows if r["part"] != "a"}
-    assert set(bc) == {"b", "c"}
-    for r in bc.values():
-        assert r["method"] == "cholesky" and r["result"] == "pass" and r["finite"], r
-        assert r["max_param_diff"] == 0.0 and r["max_loss_diff"] == 0.0  # compile=False against compile=False
-        assert r["steady_steps"] == 2 and r["steady_kinds"] == {"plain": 1, "refresh": 1}
-        assert r["steady"]["cudagraph_skips"] == 0 and r["steady"]["tree_recordings"] == 0
-    assert "counters before the measured steps" in proc.stdout and "0 required check(s) failed" in proc.stdout
-
-
-def test_capture_check_needs_cuda_or_dry_run():
-    import torch
-
-    from profiling import cuda_capture_check as ccc
-
-    if not torch.cuda.is_available():
-        with pytest.raises(SystemExit):
-            ccc.parse_args([])
-    with pytest.raises(SystemExit):  # the steady state must hold a refresh: steps >= 3 * period + 1
-        ccc.parse_args(["--dry-run", "--period", "4", "--steps-b", "12"])
-    with pytest.raises(SystemExit):
-        ccc.parse_args(["--dry-run", "--methods", "gram-schmidt"])
-    args = ccc.parse_args(["--dry-run"])
-    assert args.sizes == [8, 9] and args.batches == [1, 2] and args.parts == ["a", "b", "c"]
-    assert args.methods == list(ccc.METHODS) and args.deadline > 0
-
-
-def test_capture_check_verdicts():
-    from profiling import cuda_capture_check as ccc
-
-    def row(required=True, **fields):
-        base = dict(steady_steps=10, finite=True, max_param_diff=1e-6, max_loss_diff=1e-6,
-                    steady_kinds={"plain": 8, "refresh": 2},
-                    warmup={"cudagraph_skips": 0, "tree_recordings": 3},
-                    steady={"cudagraph_skips": 0, "tree_recordings": 0, "tree_warmups": 0, "tree_replays": 10,
-                            "tree_eager_fallbacks": 0, "tree_unexpected_rerecords": 0})
-        for key in ("warmup", "steady"):
-            base[key].update(fields.pop(key, {}))
-        base.update(fields)
-        return ccc.judge(ccc.run_row("b", "cholesky", required, **base), expect_graphs=True)
-
-    assert row()["result"] == "pass"
-    failing = [row(steady={"cudagraph_skips": 1}), row(warmup={"cudagraph_skips": 1}),
-               row(steady={"tree_recordings": 1}), row(steady={"tree_unexpected_rerecords": 2}),
-               row(steady={"tree_eager_fallbacks": 1}), row(steady={"tree_replays": 9}),
-               row(steady={"tree_warmups": 1}), row(finite=False), row(max_param_diff=2e-3),
-               row(max_loss_diff=float("nan")), row(steady_kinds={"plain": 10}), row(error="RuntimeError: boom")]
-    assert all(r["result"] == "FAIL" and r["reasons"] for r in failing)
-    not_required = row(required=False, steady={"cudagraph_skips": 1})
-    assert not_required["result"] == "fails (not required)"
-    assert ccc.exit_status([row(), not_required]) == 0
-    assert ccc.exit_status([row(), failing[0]]) == 1
-    assert ccc.exit_status([row(), ccc.run_row("c", "cholesky", True, result="not run")]) == ccc.INCOMPLETE
-    table = ccc.format_bc_rows([row(), failing[0]])
-    assert "pass" in table and "FAIL" in table and "cudagraph skips" in table
-
-
-def test_capture_check_part_a_bookkeeping(monkeypatch, tmp_path):
-    """A child that finds CUDA unusable after a failed capture, or dies inside a case, is replaced by a fresh one
-    that starts after the last case it finished; the case it died in is reported."""
-    from profiling import cuda_capture_check as ccc
-
-    args = ccc.parse_args(["--dry-run", "--ops", "cholesky_ex,qr", "--sizes", "8,9", "--batches", "1,2"])
-    calls = []
-
-    def fake_spawn(args, spec, result, extra):
-        op, start = spec.split(":")[1], int(extra[extra.index("--start") + 1])
-        calls.append((op, start))
-        cases = ccc.part_a_cases(args)
-        plan = {("cholesky_ex", 0): (2, ccc.CONTEXT_BROKEN), ("cholesky_ex", 2): (0, -11)}
-        n, status = plan.get((op, start), (len(cases) - start, 0))
-        with open(result, "a") as f:
-            for d, b in cases[start:start + n]:
-                f.write(json.dumps(ccc.case_row(op, d, b, op != "qr", result="ok")) + "\n")
-        return status
-
-    monkeypatch.setattr(ccc, "spawn", fake_spawn)
-    rows = ccc.run_part_a(args, str(tmp_path))
-    assert calls == [("cholesky_ex", 0), ("cholesky_ex", 2), ("cholesky_ex", 3), ("qr", 0)]
-    chol = [r for r in rows if r["op"] == "cholesky_ex"]
-    assert [(r["d"], r["batch"]) for r in chol] == ccc.part_a_cases(args)
-    assert [r["result"] for r in chol] == ["ok", "ok", "FAIL", "ok"] and "-11" in chol[2]["error"]
-    assert [r["result"] for r in rows if r["op"] == "qr"] == ["ok"] * 4
-    assert ccc.exit_status(rows) == 1
-
-
-def test_capture_check_compare_outputs():
-    import torch
-
-    from profiling import cuda_capture_check as ccc
-
-    for op in ccc.OPS:  # inputs and the op itself, on the CPU
-        out = ccc.as_tuple(ccc.OP_FUNCTIONS[op](*ccc.op_inputs(op, 5, 3, torch.float32, "cpu", seed=0)))
-        bitwise, diff, close = ccc.compare_outputs(op, out, out)
-        assert bitwise and diff == 0.0 and close
-    l_, info = ccc.OP_FUNCTIONS["cholesky_ex"](*ccc.op_inputs("cholesky_ex", 5, 3, torch.float32, "cpu", seed=0))
-    assert info.tolist()[:2] == [0, 0] and info[2] > 0  # the last matrix of a batch is indefinite
-    garbage = l_.clone()
-    garbage[2] = float("nan")  # a failed factorisation's values are not compared
-    assert ccc.compare_outputs("cholesky_ex", (garbage, info), (l_, info))[0]
-    assert not ccc.compare_outputs("cholesky_ex", (l_, info + 1), (l_, info))[2]
-    q = ccc.OP_FUNCTIONS["soap_cholesky"](torch.eye(4).expand(2, 4, 4))
-    bitwise, diff, close = ccc.compare_outputs("soap_cholesky", (q + 1e-7,), (q,))
-    assert not bitwise and close and 0 < diff < 1e-6
-    assert not ccc.compare_outputs("soap_cholesky", (q + 1e-2,), (q,))[2]
-
-
-def test_capture_check_tree_calls(monkeypatch):
-    """The cudagraph tree counters: top-level calls once (run() may call itself), fallbacks = the remainder, and
-    the manager's methods restored afterwards."""
-    from torch._inductor import cudagraph_trees
-
-    from profiling import cuda_capture_check as ccc
-
-    cls = cudagraph_trees.CUDAGraphTreeManager
-
-    def run(self, inputs, function_id):
-        if function_id == "new-root":
-            return self.run(inputs, "replay")  # as _run does after ending an execution
-        if function_id == "eager":
-            return "fallback"
-        return {"replay": self.execute_node, "record": self.record_function, "warm": self.run_eager}[function_id]()
-
-    for name in ("execute_node", "record_function", "run_eager"):
-        monkeypatch.setattr(cls, name, lambda self, name=name: name)
-    monkeypatch.setattr(cls, "run", run)
-    originals = {name: getattr(cls, name) for name in ("run", "execute_node", "record_function", "run_eager")}
-    manager = object.__new__(cls)
-    with ccc.TreeCalls() as tree:
-        assert tree.available and cls.run is not originals["run"]
-        for fid in ("warm", "record", "replay", "new-root", "eager", "replay"):
-            manager.run([], fid)
-    assert {name: getattr(cls, name) for name in originals} == originals
-    assert tree.snapshot() == {"tree_calls": 6, "tree_warmups": 1, "tree_recordings": 1, "tree_replays": 3,
-                               "tree_eager_fallbacks": 1}
 
 
 def test_presets_and_flop_model():

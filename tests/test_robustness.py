@@ -35,19 +35,18 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from compiled_soap import SOAP, CompiledSOAP
+from conftest import FAST_VARIANTS
 
 F32, F64 = torch.float32, torch.float64
 
-FACTORIES = {
-    "SOAP": SOAP,
-    "CompiledSOAP": functools.partial(CompiledSOAP, compile=False),
-}
+# The two classes by name, as entries of tests/registry.py (not a second registry).
+FACTORIES = {"SOAP": FAST_VARIANTS["soap"], "CompiledSOAP": FAST_VARIANTS["stacked-eager"]}
 
 
-@pytest.fixture(params=list(FACTORIES))
+@pytest.fixture(params=list(FAST_VARIANTS))
 def make_opt(request):
-    """A factory with SOAP's signature: make_opt(params, **hyperparameters)."""
-    return FACTORIES[request.param]
+    """A factory with SOAP's signature: make_opt(params, **hyperparameters) (tests/registry.py)."""
+    return FAST_VARIANTS[request.param]
 
 
 # ----------------------------------------------------------------------------------------------------- helpers

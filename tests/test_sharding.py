@@ -15,7 +15,6 @@ model and the optimizer (get_optimizer_state_dict, flattened through `factors_as
 from __future__ import annotations
 
 import copy
-import datetime
 import os
 import random
 
@@ -26,7 +25,7 @@ import torch.distributed as dist
 from compiled_soap import SOAP, CompiledSOAP, factors_as_dicts, merge_state_dicts
 from compiled_soap.ownership import assign_owners, item_flops, state_bytes
 from tests.graph_checks import HostReadLog
-from tests.spawning import spawn_with_deadline
+from tests.spawning import COLLECTIVE_TIMEOUT as TIMEOUT, SPAWN_DEADLINE_S, spawn_with_deadline
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not available")
 
@@ -34,8 +33,6 @@ SIZES = [6, 5, 7, 6]  # Linear(6, 5), Linear(5, 7), Linear(7, 6): weights 5x6, 7
 BATCH = 32
 CALLS, BEFORE = 7, 4  # precondition_frequency 3: refreshes inside both halves
 HYPER = {"precondition_frequency": 3, "compile": False}
-TIMEOUT = datetime.timedelta(seconds=60)
-SPAWN_DEADLINE_S = 180
 
 
 def _model(sharded: str | None = None):

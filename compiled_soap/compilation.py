@@ -26,6 +26,14 @@ def mark_static(tensors) -> None:
             torch._dynamo.mark_static_address(t, guard=False)
 
 
+def opaque_to_dynamo(fn: Callable) -> Callable:
+    """`fn` runs as plain Python even when a user's torch.compile'd code calls it: Dynamo breaks the user's graph
+    around the call instead of tracing into it (README, "Inside your own torch.compile"). A compiled function that
+    `fn` calls still compiles and runs as usual: one graph replay on CUDA. For code that drives its own compiled
+    callables from host-side bookkeeping, or that Dynamo must not trace (mark_static_address is forbidden to it)."""
+    return torch._dynamo.disable(fn)
+
+
 def _private_copy(fn: Callable) -> Callable:
     # Dynamo keeps its cache on the code object: a private copy per compiled callable keeps every plan and kind
     # from counting towards one code object's recompile limit (8).

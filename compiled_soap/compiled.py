@@ -26,7 +26,7 @@ import torch.distributed as dist
 from . import stacked
 from .checkpoint import FORMAT_VERSION, check_and_convert, extra_state, load_state_dict_with_hooks, \
     merge_state_dicts, saved_entry, state_dict_with_hooks
-from .compilation import StepCompiler
+from .compilation import StepCompiler, opaque_to_dynamo
 from .hyper_table import HyperTable, copy_from_host
 from .hyperparameters import checked_defaults, validate_param_group
 from .nvtx_ranges import nvtx_range
@@ -201,6 +201,7 @@ class CompiledSOAP(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ step
 
+    @opaque_to_dynamo  # inside a user's torch.compile: a graph break, then this step as in eager code (issue 28)
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], float]] = None):
         loss = None

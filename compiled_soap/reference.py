@@ -175,11 +175,16 @@ class SOAP(torch.optim.Optimizer):
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                self._step_param(p, group)
+                # The state is looked up here and handed over, never read from self.state inside _step_param:
+                # under torch.compile the isfinite check below breaks the graph, _step_param becomes a frame of
+                # its own, and there Dynamo would find its argument p among the keys of an optimizer's state and
+                # drop the guard on p (it skips aliasing guards under optimizers), so the code compiled for one
+                # parameter would run for the next (issue 28: a (4, 8) update added to a (4,) bias, or silently
+                # wrong results for two parameters of one shape).
+                self._step_param(p, self.state[p], group)
         return loss
 
-    def _step_param(self, p: torch.Tensor, group: dict) -> None:
-        state = self.state[p]
+    def _step_param(self, p: torch.Tensor, state: dict, group: dict) -> None:
         if "Q" in state and any(isinstance(q, list) for q in state["Q"]):
             # Written into optimizer.state in the checkpoint layout ([] for an absent factor), e.g. by
             # ZeroRedundancyOptimizer's loader: the in-memory form has None.

@@ -25,6 +25,7 @@ from typing import Optional
 import torch
 from torch.utils.dlpack import from_dlpack, to_dlpack
 
+from .compilation import opaque_to_dynamo
 from .validation import is_dtensor
 
 STORAGES = ("bucket", "separate")
@@ -160,6 +161,7 @@ class GradientRouter:
 
 def _pre_hook(router_ref, param_ref):
     @torch.utils.hooks.unserializable_hook
+    @opaque_to_dynamo  # bookkeeping run by backward(): never traced, even under a user's torch.compile
     def hook(grad):
         router, p = router_ref(), param_ref()
         if router is not None and p is not None:
@@ -169,6 +171,7 @@ def _pre_hook(router_ref, param_ref):
 
 def _post_hook(router_ref):
     @torch.utils.hooks.unserializable_hook
+    @opaque_to_dynamo  # bookkeeping run by backward(): never traced, even under a user's torch.compile
     def hook(p):
         router = router_ref()
         if router is not None:

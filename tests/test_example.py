@@ -16,6 +16,8 @@ import pytest
 import compiled_soap
 from tests.spawning import SUBPROCESS_TIMEOUT_S
 
+pytestmark = pytest.mark.xdist_group("example")  # the tests share one run of the example (pyproject.toml)
+
 SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "train_gpt.py"
 STEPS = 40
 TINY = [

@@ -23,7 +23,8 @@ import pytest
 import torch.distributed as dist
 from tests.spawning import SUBPROCESS_TIMEOUT_S
 
-pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not available")
+pytestmark = [pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not available"),
+              pytest.mark.xdist_group("example_fsdp")]  # one shared torchrun run (pyproject.toml)
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "examples" / "train_fsdp.py"
@@ -89,11 +90,19 @@ def test_resumes_at_one_rank(fsdp_run, tmp_path):
 
 
 def test_ddp_matches_fsdp(fsdp_run, tmp_path):
-    """Replicated parameters (DDP) instead of FSDP2: the same losses, bit for bit. At two ranks both average the
-    same two half-batch gradients (a sum of two and a halving: exact in any order), and the sharded optimizer step
-    is the same computation whichever way the parameters reach their owners."""
+    """Replicated parameters (DDP) instead of FSDP2: the same training. Both average the same two half-batch
+    gradients and the sharded optimizer step is the same computation however the parameters reach their owners
+    (tests/test_sharding.py checks that in float64), but the forward and backward read FSDP2's all-gathered
+    parameters at other addresses than DDP's, which a CPU BLAS may round differently (tests/agreement.py), and
+    float32 SOAP amplifies that. So: the first loss (the same weights) to float32 rounding, then every loss within
+    0.05, four times the widest gap measured between runs that differ only in rounding (1 against 2 ranks from
+    scratch: 1.2e-2 over these 30 steps). The run says whether it was in fact bitwise (it was, here)."""
     _, fsdp = fsdp_run
     r = run_example(tmp_path, 2, "--ddp")
     assert (r["world_size"], r["mode"]) == (2, "ddp")
     assert [s["params"] for s in r["sharding"]] == [s["params"] for s in fsdp["sharding"]]
-    assert r["losses"] == fsdp["losses"]
+    assert len(r["losses"]) == len(fsdp["losses"]) == STEPS
+    assert r["losses"][0] == pytest.approx(fsdp["losses"][0], rel=1e-6)
+    worst = max(abs(a - b) for a, b in zip(r["losses"], fsdp["losses"]))
+    print("DDP against FSDP2:", "bitwise" if r["losses"] == fsdp["losses"] else f"largest loss gap {worst:.2e}")
+    assert worst < 0.05, (worst, r["losses"], fsdp["losses"])

@@ -24,6 +24,8 @@ from graph_checks import (
     graph_node_count,
 )
 
+pytestmark = pytest.mark.xdist_group("graph_checks")  # the tests share one traced run (pyproject.toml)
+
 
 def _static(*tensors):
     for t in tensors:

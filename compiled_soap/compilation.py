@@ -8,6 +8,7 @@ later calls replay (docs/design.md §1).
 from __future__ import annotations
 
 import functools
+import logging
 import time
 import types
 from typing import Callable, Hashable, Optional
@@ -16,6 +17,12 @@ import torch
 import torch._inductor.config
 
 from .nvtx_ranges import nvtx_range
+
+logger = logging.getLogger("compiled_soap")
+
+# A setup call (compile, warm-up or CUDA graph recording) longer than this is logged, so a long first step does not
+# look like a hang.
+SLOW_COMPILE_S = 1.0
 
 
 def mark_static(tensors) -> None:
@@ -85,19 +92,35 @@ class StepCompiler:
             return torch.compile(fn, fullgraph=True, dynamic=False, mode=self.mode)
         return torch.compile(fn, fullgraph=True, dynamic=False, backend="inductor", options=options)
 
-    def run(self, key: Hashable, name: str, fn: Callable, static_kwargs: dict, *args) -> None:
+    @property
+    def setup_calls(self) -> int:
+        """Calls of a callable before it replays: compile (and warm up), then record (reduce-overhead)."""
+        if not self.enabled:
+            return 0
+        return 2 if self.mode == "reduce-overhead" else 1
+
+    def ready(self, key: Hashable) -> bool:
+        """Whether the callable for `key` has been compiled (and recorded), so that its next call replays."""
+        return self._calls.get(key, 0) >= self.setup_calls
+
+    def run(self, key: Hashable, name: str, fn: Callable, static_kwargs: dict, *args, what: str = "") -> None:
         """Call the compiled `fn(*args, **static_kwargs)` for `key`, under an NVTX range `compile/name` while it
-        compiles or records and `graph/name` once it replays."""
+        compiles or records and `graph/name` once it replays. `what` describes the graph in the log line of a slow
+        setup call."""
         if key not in self._functions:
             self._functions[key] = self._build(fn, static_kwargs)
             self._calls[key] = 0
-        setup_calls = 0 if not self.enabled else (2 if self.mode == "reduce-overhead" else 1)
         compiled = self._functions[key]
-        if self._calls[key] < setup_calls:
+        if self._calls[key] < self.setup_calls:
             start = time.perf_counter()
             with nvtx_range(f"compile/{name}"):
                 compiled(*args)
-            self.compile_seconds += time.perf_counter() - start
+            seconds = time.perf_counter() - start
+            self.compile_seconds += seconds
+            if seconds > SLOW_COMPILE_S:
+                action = "compiling" if self._calls[key] == 0 else "recording"
+                logger.warning("%s the %s step graph%s took %.1f s; later calls replay it", action, name,
+                               f" ({what})" if what else "", seconds)
         else:
             with nvtx_range(f"graph/{name}"):
                 compiled(*args)

@@ -16,6 +16,8 @@ With torch.distributed, each parameter has one owner rank (`ownership`) that alo
 from __future__ import annotations
 
 import contextlib
+import logging
+import math
 import warnings
 from typing import Callable, Optional
 
@@ -38,6 +40,13 @@ from .residence import STORAGES, GradientRouter, Residence
 from .state import StackedState, StateTable
 from .validation import state_dtype, validate_grad
 
+logger = logging.getLogger("compiled_soap")
+
+# Graphs set up ahead at the first compiling call: refresh patterns looked for over at most this many calls, and at
+# most this many graphs (the plain one included). Each costs a compile, so a model whose buckets refresh at many
+# different calls gets the first few ahead and the rest when they first occur.
+PATTERN_HORIZON = 4096
+MAX_PREPARED = 8
 
 
 class CompiledSOAP(torch.optim.Optimizer):
@@ -107,7 +116,7 @@ class CompiledSOAP(torch.optim.Optimizer):
                          "shard": shard, "process_group": process_group, "storage": storage}
         self._router = GradientRouter()
         self._residence: Optional[Residence] = None
-        self._owner_of: dict = {}  # parameter -> owner rank, once sharding is set up (kept: state never moves)
+        self._rank_of: dict = {}  # parameter -> owner rank, once sharding is set up (kept: state never moves)
         self._owner = StackedState()
         self._compiler = StepCompiler(compile, backend, mode)
         self._params: list = []
@@ -165,10 +174,10 @@ class CompiledSOAP(torch.optim.Optimizer):
         world, rank = dist.get_world_size(group), dist.get_rank(group)
         recorded = saved_owners(saved_by, world, len(self._params))
         if recorded is not None:  # ownership depends on history (late param groups): a rank's shard needs its own
-            self._owner_of = dict(zip(self._params, recorded))
-        owners = plan_ownership(self._params, [self.param_groups[gi] for gi in self._group_index], self._owner_of,
+            self._rank_of = dict(zip(self._params, recorded))
+        owners = plan_ownership(self._params, [self.param_groups[gi] for gi in self._group_index], self._rank_of,
                                 world)
-        self._owner_of = dict(zip(self._params, owners))
+        self._rank_of = dict(zip(self._params, owners))
         self._exchange = Exchange(self._params, owners, group)
         self._targets = self._exchange.targets()
         self._owned = [i for i, r in enumerate(owners) if r == rank]
@@ -237,12 +246,10 @@ class CompiledSOAP(torch.optim.Optimizer):
                     torch._foreach_copy_(param_slots, params)
                 refreshing = self._schedule(has_grad)
                 kind = "refresh" if any(refreshing) else "plain"
-                # The orthogonalisation runs its fp32 matmuls at full precision whatever the user set (CholeskyQR
-                # breaks down under TF32); plain steps keep the user's setting, like the reference.
-                with full_precision_matmul() if kind == "refresh" else contextlib.nullcontext():
-                    self._compiler.run((self._plans, refreshing), kind, stacked.step,
-                                       {"refreshing": refreshing, "method": self._options["orthogonalization"]},
-                                       self._plans, self._bucket_tensors, self._hyper.hyper)
+                # Not while parameters initialise: their buckets are rebuilt right after this call (a new plan).
+                if not new and not self._compiler.ready((self._plans, refreshing)):
+                    self._prepare_graphs(refreshing)
+                self._run_graph(refreshing)
                 if params:
                     torch._foreach_copy_(params, param_slots)
                 # Parameters in their slots were changed in place behind autograd's back: say so, as an in-place
@@ -260,6 +267,60 @@ class CompiledSOAP(torch.optim.Optimizer):
                     self.state.held_elsewhere = any(p.grad is not None for p in self._params)
         self.last_step_kind = kind or ("init" if new else "none")
         return loss
+
+    def _run_graph(self, refreshing: tuple) -> None:
+        kind = "refresh" if any(refreshing) else "plain"
+        what = f"{len(refreshing)} buckets" + (f", {sum(refreshing)} refreshing" if kind == "refresh" else "")
+        # The orthogonalisation runs its fp32 matmuls at full precision whatever the user set (CholeskyQR breaks
+        # down under TF32); plain steps keep the user's setting, like the reference.
+        with full_precision_matmul() if kind == "refresh" else contextlib.nullcontext():
+            self._compiler.run((self._plans, refreshing), kind, stacked.step,
+                               {"refreshing": refreshing, "method": self._options["orthogonalization"]},
+                               self._plans, self._bucket_tensors, self._hyper.hyper, what=what)
+
+    def _prepare_graphs(self, now: tuple) -> None:
+        """Compile (and record) the graphs of the refresh patterns coming up, now, so that the first refresh does
+        not stall training halfway through its first epochs (docs/design.md §1).
+
+        Each graph is run with every item's has_grad off: `stacked.step` then leaves every state tensor and
+        parameter bit-identical (all its writes are torch.where(active, new, old)), so these calls change nothing.
+        This call's pattern `now` is set up the same way and then replays for this call's real step."""
+        patterns = ([now] + [r for r in self._upcoming_patterns() if r != now])[:MAX_PREPARED]
+        upcoming = [r for r in patterns if not self._compiler.ready((self._plans, r))]
+        if not upcoming:
+            return
+        logger.info("setting up %d step graphs (%d buckets) ahead of the calls that need them", len(upcoming),
+                    len(self._plans))
+        buckets = self._owner.buckets
+        for b in buckets:
+            b.tensors.has_grad.zero_()
+        try:
+            for refreshing in upcoming:
+                while not self._compiler.ready((self._plans, refreshing)):
+                    self._run_graph(refreshing)
+        finally:
+            for b in buckets:  # what the host mirror says the device holds (`_schedule` relies on it)
+                copy_from_host(b.tensors.has_grad, torch.from_numpy(b.host_has_grad.copy()))
+
+    def _upcoming_patterns(self) -> list:
+        """The refreshing tuples of the next calls if every bucketed parameter keeps getting a gradient (the host
+        clocks run forward, as `_schedule` advances them), each in the order it first comes, over one period of all refresh frequencies (at most PATTERN_HORIZON calls) and at most
+        MAX_PREPARED patterns. A pattern met later (gradients that come and go) compiles when it first occurs."""
+        o = self._owner
+        horizon = 1
+        for f in np.unique(o.host_frequency).tolist():
+            horizon = min(math.lcm(horizon, f), PATTERN_HORIZON)
+        patterns = []
+        clock = o.host_clock.copy()
+        for _ in range(horizon):
+            clock += 1
+            due = clock % o.host_frequency == 0
+            pattern = tuple(bool(x) for x in np.logical_or.reduceat(due, o.bucket_starts))
+            if pattern not in patterns:
+                patterns.append(pattern)
+                if len(patterns) == MAX_PREPARED:
+                    break
+        return patterns
 
     def _intake(self):
         """Which parameters have a gradient, and the copies that bring them into the static buffers:

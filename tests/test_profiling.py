@@ -133,7 +133,7 @@ def test_bench_hyperparameters_and_orthogonalization(monkeypatch):
         bench.parse_args(["--preset", "tiny", "--device", "cpu", "--orthogonalization", "gram-schmidt"])
 
 
-@pytest.mark.parametrize("module", ["bench_host", "bench_orthogonalization", "summarize"])
+@pytest.mark.parametrize("module", ["bench_host", "bench_orthogonalization", "compile_scaling", "summarize"])
 def test_modules_run_as_package(module, capsys):
     """Every script is a module of the profiling package (`python -m profiling.<name>`), no sys.path edits."""
     import importlib
@@ -253,3 +253,25 @@ def test_summarize_torch_trace():
     assert summarize.classify("cudaLaunchKernelExC_v11060") == "launch"
     assert summarize.classify("cudaMemcpyAsync_v3020") == "memcpy"
     assert summarize.classify("cudaEventRecord") is None
+
+
+def test_compile_scaling_cold_and_warm(tmp_path):
+    """Two shape counts, cold then warm cache, each in its own process (aot_eager: seconds, not minutes). Checks the
+    numbers: one row per (shapes, cache), the run stepped through its refreshes, and all the compile time spent in
+    the first plain call (had the first refresh compiled its graph, about half would fall there). No timing
+    assertion: the machine may be loaded."""
+    out = tmp_path / "scaling.json"
+    cmd = [sys.executable, "-m", "profiling.compile_scaling", "--shapes", "2,4", "--backend", "aot_eager",
+           "--timeout", str(SUBPROCESS_TIMEOUT_S), "--json", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=2 * SUBPROCESS_TIMEOUT_S, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    data = json.loads(out.read_text())
+    rows = data["rows"]
+    assert [(r["shapes"], r["cache"]) for r in rows] == [(2, "cold"), (2, "warm"), (4, "cold"), (4, "warm")]
+    for r in rows:
+        assert os.path.samefile(r["package"], ROOT)
+        assert r["kinds"][0] == "init" and r["kinds"].count("refresh") == 4
+        assert len(r["call_s"]) == len(r["kinds"]) and all(s > 0 for s in r["call_s"])
+        assert 0 < r["compile_s"] <= sum(r["call_s"])
+        assert r["first_plain_call_s"] >= r["compile_s"] * 0.9
+    assert "cold compile at 4 shapes / at 2 shapes" in proc.stdout

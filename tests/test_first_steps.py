@@ -159,16 +159,22 @@ def test_upcoming_patterns_are_the_ones_that_occur(frequencies):
 
 
 _CACHE_RUN = """
-import json, torch
+import json, os, sys, torch
 from torch._dynamo.utils import counters
 from compiled_soap import CompiledSOAP
 torch.set_num_threads(1)
+artifacts = sys.argv[1]
+if os.path.exists(artifacts):  # shipped from another machine's cache
+    torch.compiler.load_cache_artifacts(open(artifacts, "rb").read())
 params = [torch.nn.Parameter(torch.ones(s)) for s in [(3, 2), (4,)]]
 opt = CompiledSOAP(params, precondition_frequency=2, mode=None)
 for call in range(4):
     for i, p in enumerate(params):
         p.grad = torch.full(p.shape, 0.5 + i + call)
     opt.step()
+if not os.path.exists(artifacts):
+    saved = torch.compiler.save_cache_artifacts()
+    open(artifacts, "wb").write(saved[0])
 print("COUNTERS " + json.dumps({k: dict(v) for k, v in counters.items() if k in ("inductor", "aot_autograd")}))
 """
 
@@ -176,15 +182,18 @@ print("COUNTERS " + json.dumps({k: dict(v) for k, v in counters.items() if k in 
 def test_a_second_process_compiles_from_the_cache(tmp_path):
     """Warm starts: nothing in the cache keys may change between runs (addresses, ids, time). Two processes on one
     TORCHINDUCTOR_CACHE_DIR: the second finds both graphs (plain, refresh) in the FX graph cache and compiles none.
-    Inductor, one tiny model (two shapes): about a minute on CPU."""
-    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    A third, on an empty cache directory, loads what the first saved with torch.compiler.save_cache_artifacts (the
+    README's way to ship a cache) and compiles none either. Inductor, one tiny model (two shapes)."""
+    artifacts = str(tmp_path / "artifacts.bin")
     runs = []
-    for _ in range(2):
-        proc = subprocess.run([sys.executable, "-c", _CACHE_RUN], env=env, capture_output=True, text=True,
-                              timeout=SUBPROCESS_TIMEOUT_S)
+    for cache in ("cache", "cache", "elsewhere"):
+        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / cache), "OMP_NUM_THREADS": "1"}
+        proc = subprocess.run([sys.executable, "-c", _CACHE_RUN, artifacts], env=env, capture_output=True,
+                              text=True, timeout=SUBPROCESS_TIMEOUT_S)
         assert proc.returncode == 0, proc.stderr[-4000:]
         line = [x for x in proc.stdout.splitlines() if x.startswith("COUNTERS ")][-1]
         runs.append(json.loads(line[len("COUNTERS "):])["inductor"])
-    cold, warm = runs
+    cold, warm, shipped = runs
     assert cold.get("fxgraph_cache_miss") == 2 and not cold.get("fxgraph_cache_hit"), cold
     assert warm.get("fxgraph_cache_hit") == 2 and not warm.get("fxgraph_cache_miss"), warm
+    assert shipped.get("fxgraph_cache_hit") == 2 and not shipped.get("fxgraph_cache_miss"), shipped

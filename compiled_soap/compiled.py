@@ -2,8 +2,9 @@
 
 Per step, on the host: apply edits made to `optimizer.state`, write changed hyperparameters to the device, check
 that every parameter and gradient lives in its bucket slot (`residence`: copy in whatever does not), choose the
-step graph, run it, copy back out the parameters that do not live in their slots. The graph is `stacked.step`, compiled once
-per plan and refresh pattern (`compilation`); on CUDA with mode="reduce-overhead" it is one CUDA graph replay.
+step graph, run it, copy back out the parameters that do not live in their slots. The graph is `stacked.step`,
+compiled once per plan and refresh pattern (`compilation`); on CUDA with mode="reduce-overhead" it is one CUDA graph
+replay.
 
 Which buckets refresh is decided on the host from what the host knows exactly: each parameter's refresh clock
 counts the calls in which it had a gradient (docs/spec.md §8), so no device value is ever read in steady state.
@@ -304,8 +305,9 @@ class CompiledSOAP(torch.optim.Optimizer):
 
     def _upcoming_patterns(self) -> list:
         """The refreshing tuples of the next calls if every bucketed parameter keeps getting a gradient (the host
-        clocks run forward, as `_schedule` advances them), each in the order it first comes, over one period of all refresh frequencies (at most PATTERN_HORIZON calls) and at most
-        MAX_PREPARED patterns. A pattern met later (gradients that come and go) compiles when it first occurs."""
+        clocks run forward, as `_schedule` advances them), each where it first comes, over one period of all the
+        refresh frequencies (at most PATTERN_HORIZON calls) and at most MAX_PREPARED patterns. A pattern met later
+        (gradients that come and go) compiles when it first occurs."""
         o = self._owner
         horizon = 1
         for f in np.unique(o.host_frequency).tolist():

@@ -59,7 +59,8 @@ def measure(n_shapes: int, backend: str = "inductor") -> dict:
     refresh = [s for s, k in zip(seconds, kinds) if k == "refresh"]
     plain = [s for s, k in zip(seconds, kinds) if k == "plain"]
     first_plain = kinds.index("plain")
-    return {"shapes": n_shapes, "package": os.path.dirname(os.path.dirname(os.path.abspath(compiled_soap.__file__))), "compile_s": opt.compile_seconds, "kinds": kinds,
+    package = os.path.dirname(os.path.dirname(os.path.abspath(compiled_soap.__file__)))
+    return {"shapes": n_shapes, "package": package, "compile_s": opt.compile_seconds, "kinds": kinds,
             "call_s": seconds, "first_plain_call_s": seconds[first_plain],
             "first_refresh_call_s": refresh[0], "steady_refresh_s": statistics.median(refresh[1:]),
             "steady_plain_s": statistics.median(plain[1:])}

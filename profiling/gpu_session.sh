@@ -59,10 +59,10 @@ run() {
 
 case "$stage" in
     tests)
-        run cuda_tests.log python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_graph_checks.py
+        run cuda_tests.log python3 -m pytest -q -p no:cacheprovider -o addopts= tests/test_cuda.py tests/test_graph_checks.py
         ;;
     capture)
-        run capture.log python3 -m pytest -q -p no:cacheprovider tests/test_cuda_capture.py -rxs "$@"
+        run capture.log python3 -m pytest -q -p no:cacheprovider -o addopts= tests/test_cuda_capture.py -rxs "$@"
         ;;
     orthogonalization)
         run orthogonalization.log python3 -m profiling.bench_orthogonalization --device cuda \

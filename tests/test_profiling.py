@@ -133,7 +133,8 @@ def test_bench_hyperparameters_and_orthogonalization(monkeypatch):
         bench.parse_args(["--preset", "tiny", "--device", "cpu", "--orthogonalization", "gram-schmidt"])
 
 
-@pytest.mark.parametrize("module", ["bench_host", "bench_orthogonalization", "compile_scaling", "summarize"])
+@pytest.mark.parametrize("module", ["bench_host", "bench_orthogonalization", "compile_scaling", "per_kind_host_cost",
+                                    "summarize"])
 def test_modules_run_as_package(module, capsys):
     """Every script is a module of the profiling package (`python -m profiling.<name>`), no sys.path edits."""
     import importlib
@@ -275,3 +276,13 @@ def test_compile_scaling_cold_and_warm(tmp_path):
         assert 0 < r["compile_s"] <= sum(r["call_s"])
         assert r["first_plain_call_s"] >= r["compile_s"] * 0.9
     assert "cold compile at 4 shapes / at 2 shapes" in proc.stdout
+
+
+def test_per_kind_host_cost_runs_and_checks_every_option(capsys):
+    """Two buckets, a few calls: each option is built, checked against the eager step inside the script (an
+    assert_close per tensor), and timed; one row comes out, with the ratio to today's design. No timing assertion."""
+    from profiling import per_kind_host_cost
+
+    per_kind_host_cost.main(["--shapes", "2", "--calls", "6", "--options", "today,standalone"])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 2 |")]
+    assert len(rows) == 1 and rows[0].count("x); setup") == 2, rows

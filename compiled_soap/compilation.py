@@ -103,10 +103,11 @@ class StepCompiler:
         """Whether the callable for `key` has been compiled (and recorded), so that its next call replays."""
         return self._calls.get(key, 0) >= self.setup_calls
 
-    def run(self, key: Hashable, name: str, fn: Callable, static_kwargs: dict, *args, what: str = "") -> None:
+    def run(self, key: Hashable, name: str, fn: Callable, static_kwargs: dict, *args,
+            describe: Callable[[], str] = str) -> None:
         """Call the compiled `fn(*args, **static_kwargs)` for `key`, under an NVTX range `compile/name` while it
-        compiles or records and `graph/name` once it replays. `what` describes the graph in the log line of a slow
-        setup call."""
+        compiles or records and `graph/name` once it replays. `describe()` says what the graph holds in the log line
+        of a slow setup call (called only then: replays stay free of it)."""
         if key not in self._functions:
             self._functions[key] = self._build(fn, static_kwargs)
             self._calls[key] = 0
@@ -119,8 +120,9 @@ class StepCompiler:
             self.compile_seconds += seconds
             if seconds > SLOW_COMPILE_S:
                 action = "compiling" if self._calls[key] == 0 else "recording"
+                detail = describe()
                 logger.warning("%s the %s step graph%s took %.1f s; later calls replay it", action, name,
-                               f" ({what})" if what else "", seconds)
+                               f" ({detail})" if detail else "", seconds)
         else:
             with nvtx_range(f"graph/{name}"):
                 compiled(*args)

@@ -271,13 +271,14 @@ class CompiledSOAP(torch.optim.Optimizer):
 
     def _run_graph(self, refreshing: tuple) -> None:
         kind = "refresh" if any(refreshing) else "plain"
-        what = f"{len(refreshing)} buckets" + (f", {sum(refreshing)} refreshing" if kind == "refresh" else "")
         # The orthogonalisation runs its fp32 matmuls at full precision whatever the user set (CholeskyQR breaks
         # down under TF32); plain steps keep the user's setting, like the reference.
         with full_precision_matmul() if kind == "refresh" else contextlib.nullcontext():
             self._compiler.run((self._plans, refreshing), kind, stacked.step,
                                {"refreshing": refreshing, "method": self._options["orthogonalization"]},
-                               self._plans, self._bucket_tensors, self._hyper.hyper, what=what)
+                               self._plans, self._bucket_tensors, self._hyper.hyper,
+                               describe=lambda: f"{len(refreshing)} buckets"
+                               + (f", {sum(refreshing)} refreshing" if kind == "refresh" else ""))
 
     def _prepare_graphs(self, now: tuple) -> None:
         """Compile (and record) the graphs of the refresh patterns coming up, now, so that the first refresh does

@@ -29,7 +29,7 @@ import torch.distributed as dist
 from . import stacked
 from .checkpoint import FORMAT_VERSION, check_and_convert, extra_state, load_state_dict_with_hooks, \
     merge_state_dicts, saved_entry, state_dict_with_hooks
-from .compilation import StepCompiler, opaque_to_dynamo
+from .compilation import COMPILE_UNITS, StepCompiler, opaque_to_dynamo
 from .hyper_table import HyperTable, copy_from_host
 from .hyperparameters import checked_defaults, validate_param_group
 from .nvtx_ranges import nvtx_range
@@ -69,6 +69,11 @@ class CompiledSOAP(torch.optim.Optimizer):
             Parameters may be plain tensors (the same on every rank: DDP) or DTensors sharded on dim 0 (FSDP2).
         process_group: the ProcessGroup or 1-D DeviceMesh to shard over (HSDP: the shard dimension). Default: the
             mesh dimension DTensor parameters are sharded on, else the default group.
+        compile_per: "plan" (default): one compiled graph per plan and refresh pattern, every shape a constant, so
+            its compile time grows with the number of distinct shapes; on CUDA, one graph replay per step.
+            "kind": one compiled function per kind of bucket (dims, factored axes, dtypes, plain or refresh), with
+            symbolic sizes: compile time is the same whatever the number of shapes (README, "Compile time"). A
+            step is then a loop of one call per bucket: CPU only for now (no CUDA graph).
         storage: "bucket" (default): parameters move into their bucket slots and gradients land in theirs, so a
             step copies neither (README: what `p.grad` then is, and what is copied instead). "separate": the
             optimizer never touches a parameter's memory or `p.grad`, and copies both in and out at every step.
@@ -105,6 +110,7 @@ class CompiledSOAP(torch.optim.Optimizer):
         shard: Optional[bool] = None,
         process_group=None,
         storage: str = "bucket",
+        compile_per: str = "plan",
     ):
         defaults = checked_defaults(locals())
         if orthogonalization not in ORTHOGONALIZATIONS:
@@ -113,13 +119,16 @@ class CompiledSOAP(torch.optim.Optimizer):
             raise ValueError(f"Invalid shard: {shard!r} (None, True or False)")
         if storage not in STORAGES:
             raise ValueError(f"Invalid storage: {storage!r} (one of {list(STORAGES)})")
+        if compile_per not in COMPILE_UNITS:
+            raise ValueError(f"Invalid compile_per: {compile_per!r} (one of {list(COMPILE_UNITS)})")
         self._options = {"compile": compile, "mode": mode, "backend": backend, "orthogonalization": orthogonalization,
-                         "shard": shard, "process_group": process_group, "storage": storage}
+                         "shard": shard, "process_group": process_group, "storage": storage,
+                         "compile_per": compile_per}
         self._router = GradientRouter()
         self._residence: Optional[Residence] = None
         self._rank_of: dict = {}  # parameter -> owner rank, once sharding is set up (kept: state never moves)
         self._owner = StackedState()
-        self._compiler = StepCompiler(compile, backend, mode)
+        self._compiler = StepCompiler(compile, backend, mode, per_kind=compile_per == "kind")
         self._params: list = []
         self._hyper: Optional[HyperTable] = None
         self.last_step_kind: Optional[str] = None
@@ -144,6 +153,9 @@ class CompiledSOAP(torch.optim.Optimizer):
         devices = {p.device for p in param_group["params"]} | {p.device for p in self._params}
         if len(devices) > 1:
             raise ValueError(f"CompiledSOAP needs all parameters on one device, got {sorted(map(str, devices))}")
+        if self._compiler.per_kind and any(d.type != "cpu" for d in devices):
+            raise ValueError(f"compile_per='kind' runs on the CPU only for now (no CUDA graph yet), got parameters on "
+                             f"{devices.pop()}: use compile_per='plan' there")
         super().add_param_group(param_group)
         self._groups_changed()
 
@@ -192,6 +204,7 @@ class CompiledSOAP(torch.optim.Optimizer):
         self._uninitialized = [i for i in self._owned if i not in initialized]
         self._plans = tuple(b.plan for b in buckets)
         self._bucket_tensors = tuple(b.tensors for b in buckets)
+        self._compiler.unbind()  # per kind, the bound calls hold the old bucket tensors
         r = self._owner.routes
         own = {id(p) for p in self._params}
         # parameters themselves (not the proxies of DTensor shards), unless they keep leaving their slots
@@ -273,12 +286,19 @@ class CompiledSOAP(torch.optim.Optimizer):
         kind = "refresh" if any(refreshing) else "plain"
         # The orthogonalisation runs its fp32 matmuls at full precision whatever the user set (CholeskyQR breaks
         # down under TF32); plain steps keep the user's setting, like the reference.
+        method = self._options["orthogonalization"]
+        describe = lambda: f"{len(refreshing)} buckets" + (  # noqa: E731
+            f", {sum(refreshing)} refreshing" if kind == "refresh" else "")
         with full_precision_matmul() if kind == "refresh" else contextlib.nullcontext():
-            self._compiler.run((self._plans, refreshing), kind, stacked.step,
-                               {"refreshing": refreshing, "method": self._options["orthogonalization"]},
-                               self._plans, self._bucket_tensors, self._hyper.hyper,
-                               describe=lambda: f"{len(refreshing)} buckets"
-                               + (f", {sum(refreshing)} refreshing" if kind == "refresh" else ""))
+            if self._compiler.per_kind:
+                self._compiler.run_each((self._plans, refreshing), kind, stacked.bucket_step,
+                                        lambda: stacked.bucket_calls(self._plans, self._bucket_tensors,
+                                                                     self._hyper.hyper, refreshing, method),
+                                        describe=describe)
+            else:
+                self._compiler.run((self._plans, refreshing), kind, stacked.step,
+                                   {"refreshing": refreshing, "method": method},
+                                   self._plans, self._bucket_tensors, self._hyper.hyper, describe=describe)
 
     def _prepare_graphs(self, now: tuple) -> None:
         """Compile (and record) the graphs of the refresh patterns coming up, now, so that the first refresh does

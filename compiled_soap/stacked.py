@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from . import orthogonalization
-from .planning import BucketPlan, Layout, from_merged, to_merged
+from .planning import BucketPlan, Layout, to_merged
 
 
 class Hyper(NamedTuple):
@@ -64,6 +64,22 @@ def _item_shape(x: Tensor) -> tuple[int, ...]:
 def _flat(x: Tensor) -> Tensor:
     """[B, ...] -> [B, n], also for 0-dim and empty items."""
     return x.reshape(x.shape[0], math.prod(_item_shape(x)))
+
+
+def _merged(x: Tensor, like: Tensor, channels_last: bool) -> Tensor:
+    """[B, *shape] -> [B, *merged_shape], the merged shape read off `like` (planning.to_merged, with every size
+    taken from a tensor: a per-kind graph is traced with symbolic sizes, and a Python int would become a constant)."""
+    if channels_last:
+        x = x.permute(0, 1, 4, 2, 3)
+    return x.reshape(like.shape)
+
+
+def _unmerged(x: Tensor, like: Tensor, channels_last: bool) -> Tensor:
+    """[B, *merged_shape] -> [B, *shape], the shape read off `like` (planning.from_merged)."""
+    if channels_last:
+        b, n, h, w, c = like.shape
+        return x.reshape(b, n, c, h, w).permute(0, 1, 3, 4, 2)
+    return x.reshape(like.shape)
 
 
 def gram(x: Tensor, axis: int) -> Tensor:
@@ -144,14 +160,18 @@ def initial_entry(grad: Tensor, layout: Layout, state_dtype: torch.dtype, shampo
 # ---------------------------------------------------------------------------------------------------- later calls
 
 
-def _bucket_step(plan: BucketPlan, b: BucketTensors, hyper: Hyper, refresh: bool, method: str) -> None:
-    sdtype = plan.state_dtype
+def bucket_step(b: BucketTensors, hyper: Hyper, *, channels_last: bool, refresh: bool, method: str) -> None:
+    """One bucket's update (§3, later calls), and with `refresh` the refresh (§4) of its items that are due (§8).
+
+    Every size is read from the tensors (none from the plan), so one trace with symbolic sizes serves every bucket
+    of a kind (`compilation.KindCompiler`); under a static compile the sizes are constants as before."""
+    sdtype = b.exp_avg.dtype
     rows = lambda h: h.index_select(0, b.group)  # noqa: E731  [G] -> [B], float64
     lr, beta1, beta2, eps = rows(hyper.lr), rows(hyper.beta1), rows(hyper.beta2), rows(hyper.eps)
     weight_decay = rows(hyper.weight_decay)
     as_state = lambda v, like: _per_item(v.to(sdtype), like)  # noqa: E731
 
-    grad = to_merged(b.grads, plan.layout).to(sdtype)
+    grad = _merged(b.grads, b.exp_avg, channels_last).to(sdtype)
     finite = _flat(torch.isfinite(grad)).all(dim=1)
     active = b.has_grad & finite
     # A skipped item's gradient is replaced by zeros so that nothing below can produce NaN (QR, sort), and every
@@ -177,7 +197,7 @@ def _bucket_step(plan: BucketPlan, b: BucketTensors, hyper: Hyper, refresh: bool
     rms = _flat(update.square()).mean(dim=1).sqrt()
     normalized = update / _per_item(1e-30 + rms, update)
     update = torch.where(_per_item(rows(hyper.normalize_grads) > 0, update), normalized, update)
-    update = from_merged(update, plan.layout)
+    update = _unmerged(update, b.params, channels_last)
 
     # §3.8-3.9 / trap 5: W -= eta U, then decoupled weight decay on the new W with the plain lr, only when > 0.
     # The parameter dtype is rounded after each of the two updates, as the reference's two in-place adds do.
@@ -241,9 +261,16 @@ def _refresh(b: BucketTensors, due: Tensor, m: Tensor, v: Tensor, factors: list,
     return m, v, new_bases
 
 
+def bucket_calls(plans: tuple[BucketPlan, ...], buckets: tuple[BucketTensors, ...], hyper: Hyper,
+                 refreshing: tuple[bool, ...], method: str) -> list[tuple[dict, tuple]]:
+    """`step` as calls of `bucket_step`, one per bucket: (static keyword arguments, tensor arguments)."""
+    return [({"channels_last": plan.layout.channels_last, "refresh": refresh, "method": method}, (b, hyper))
+            for plan, b, refresh in zip(plans, buckets, refreshing)]
+
+
 def step(plans: tuple[BucketPlan, ...], buckets: tuple[BucketTensors, ...], hyper: Hyper,
          refreshing: tuple[bool, ...], method: str) -> None:
     """One SOAP update (§3, later calls) of every bucket; the buckets flagged in `refreshing` also run the sorted
     power-iteration refresh (§4) for their items that are due (§8). All updates in place; returns nothing."""
-    for plan, b, refresh in zip(plans, buckets, refreshing):
-        _bucket_step(plan, b, hyper, refresh, method)
+    for kwargs, args in bucket_calls(plans, buckets, hyper, refreshing, method):
+        bucket_step(*args, **kwargs)

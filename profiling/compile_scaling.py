@@ -1,6 +1,7 @@
 """Compile seconds against the number of distinct parameter shapes, cold and warm cache, side by side.
 
-    python -m profiling.compile_scaling --shapes 8,16,32,64 [--baseline PATH] [--json out.json]
+    python -m profiling.compile_scaling --shapes 8,16,32,64 [--compile-per plan,kind] [--baseline PATH]
+        [--json out.json]
 
 Each measurement is a fresh process (no Dynamo or Inductor state carried over) on N/2 Linear layers of distinct
 shapes (a weight and a bias each: N distinct shapes, so N buckets), precondition_frequency 4, synthetic gradients,
@@ -9,6 +10,8 @@ one left. Per process: the wall time of every step() call, CompiledSOAP's `compi
 first plain call (call 2), the first refresh (call f + 1 = 5) against the median of later refresh calls, and the
 steady plain step.
 
+--compile-per measures each of CompiledSOAP's compile units (`compile_per`: one graph per plan, or one compiled
+function per kind of bucket) side by side.
 --baseline runs another checkout of compiled_soap (a path to its repository root) the same way, interleaved with
 this one, so both columns come from one run on one machine.
 """
@@ -37,7 +40,7 @@ def shapes_of(n_shapes: int) -> list[tuple]:
     return out
 
 
-def measure(n_shapes: int, backend: str = "inductor") -> dict:
+def measure(n_shapes: int, backend: str = "inductor", compile_per: str = "plan") -> dict:
     """In this process: CALLS steps of CompiledSOAP on `shapes_of(n_shapes)`, each call timed."""
     import torch
 
@@ -47,7 +50,8 @@ def measure(n_shapes: int, backend: str = "inductor") -> dict:
     torch.set_num_threads(1)
     gen = torch.Generator().manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in shapes_of(n_shapes)]
-    opt = CompiledSOAP(params, precondition_frequency=FREQUENCY, backend=backend)
+    unit = {} if compile_per == "plan" else {"compile_per": compile_per}  # a baseline checkout may predate it
+    opt = CompiledSOAP(params, precondition_frequency=FREQUENCY, backend=backend, **unit)
     seconds, kinds = [], []
     for call in range(CALLS):
         for p in params:
@@ -66,32 +70,32 @@ def measure(n_shapes: int, backend: str = "inductor") -> dict:
             "steady_plain_s": statistics.median(plain[1:])}
 
 
-def _spawn(checkout: str, n_shapes: int, backend: str, cache_dir: str, timeout_s: float) -> dict:
+def _spawn(checkout: str, n_shapes: int, backend: str, compile_per: str, cache_dir: str, timeout_s: float) -> dict:
     env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache_dir, "PYTHONPATH": checkout, "OMP_NUM_THREADS": "1"}
     # This file is loaded by its path and the process starts in the checkout, so `compiled_soap` is the checkout's.
     code = ("import importlib.util, json, sys; spec = importlib.util.spec_from_file_location('scaling', sys.argv[1]); "
             "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m); "
-            "print('RESULT ' + json.dumps(m.measure(int(sys.argv[2]), sys.argv[3])))")
+            "print('RESULT ' + json.dumps(m.measure(int(sys.argv[2]), sys.argv[3], sys.argv[4])))")
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-c", code, os.path.abspath(__file__), str(n_shapes), backend], env=env,
-                          cwd=checkout,
-                          capture_output=True, text=True, timeout=timeout_s)
+    argv = [sys.executable, "-c", code, os.path.abspath(__file__), str(n_shapes), backend, compile_per]
+    proc = subprocess.run(argv, env=env, cwd=checkout, capture_output=True, text=True, timeout=timeout_s)
     if proc.returncode != 0:
         raise RuntimeError(f"measuring {n_shapes} shapes in {checkout} failed:\n{proc.stderr[-4000:]}")
     line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")][-1]
     return {**json.loads(line[len("RESULT "):]), "process_s": time.perf_counter() - start}
 
 
-def run(shape_counts: list[int], checkouts: dict, backend: str, timeout_s: float) -> list[dict]:
+def run(shape_counts: list[int], checkouts: dict, units: list[str], backend: str, timeout_s: float) -> list[dict]:
     rows = []
     for n in shape_counts:
         for name, checkout in checkouts.items():
-            with tempfile.TemporaryDirectory(prefix="inductor-cache-") as cache:
-                for cache_state in ("cold", "warm"):
-                    r = _spawn(checkout, n, backend, cache, timeout_s)
-                    rows.append({"checkout": name, "cache": cache_state, **r})
-                    print(f"[compile_scaling] {name} {n} shapes {cache_state}: {r['compile_s']:.1f} s", file=sys.stderr,
-                          flush=True)
+            for unit in units:
+                with tempfile.TemporaryDirectory(prefix="inductor-cache-") as cache:
+                    for cache_state in ("cold", "warm"):
+                        r = _spawn(checkout, n, backend, unit, cache, timeout_s)
+                        rows.append({"checkout": f"{name}, per {unit}", "cache": cache_state, **r})
+                        print(f"[compile_scaling] {name} per {unit}, {n} shapes {cache_state}: {r['compile_s']:.1f} s",
+                              file=sys.stderr, flush=True)
     return rows
 
 
@@ -119,6 +123,7 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", default="8,16,32,64", help="numbers of distinct shapes (even), comma-separated")
     ap.add_argument("--backend", default="inductor", help="torch.compile backend (default inductor)")
+    ap.add_argument("--compile-per", default="plan", help="CompiledSOAP compile_per values, comma-separated")
     ap.add_argument("--baseline", help="repository root of another checkout to measure beside this one")
     ap.add_argument("--timeout", type=float, default=3600, help="seconds allowed per measuring process")
     ap.add_argument("--json", help="write the rows here")
@@ -129,7 +134,7 @@ def main(argv=None) -> None:
     checkouts = {"this": ROOT}
     if args.baseline:
         checkouts["baseline"] = os.path.abspath(args.baseline)
-    rows = run(counts, checkouts, args.backend, args.timeout)
+    rows = run(counts, checkouts, args.compile_per.split(","), args.backend, args.timeout)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"command": "python -m profiling.compile_scaling " + " ".join(argv or sys.argv[1:]),

@@ -1,0 +1,134 @@
+"""compile_per="kind": one compiled function per kind of bucket, whatever its sizes (issue 27, docs/design.md §7).
+
+Against independent computations: the same run eagerly (compile=False, float64 within tests/agreement.py's bound),
+the reference SOAP (Inductor), a resume (bitwise: same process, same artifacts). And what makes it worth having,
+counted: buckets of one kind share one artifact, a new plan reuses the artifacts of its kinds, and the refresh
+artifacts exist before the first refresh is due.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from agreement import agree
+from conftest import full_rank_grads, make_params, relative_deviation, train
+from compiled_soap import SOAP, CompiledSOAP
+from compiled_soap.compilation import KindCompiler
+
+pytestmark = pytest.mark.xdist_group("per_kind")  # one worker: its tests share the process's compiled kinds
+
+# Two 2-D buckets of one kind (B = 2, different sizes), a 1-D bucket, a merged channels_last 4-D bucket.
+SHAPES = [(6, 4), (6, 4), (5, 3), (5, 3), (5,), (2, 3, 4, 5)]
+KINDS = 3
+
+
+def _groups(params):
+    return [{"params": params[:5]},
+            {"params": params[5:], "lr": 1e-2, "merge_dims": True, "data_format": "channels_last",
+             "max_precond_dim": 12}]
+
+
+def _kinds(opt) -> int:
+    return opt._compiler._kinds.kinds
+
+
+def _with_gaps(params, call):
+    """full_rank_grads, with a missing gradient at call 4 and a non-finite one at call 6 (both skipped)."""
+    grads = full_rank_grads(params, call)
+    if call == 4:
+        grads[0] = None
+    if call == 6:
+        grads[2][0, 0] = float("nan")
+    return grads
+
+
+def test_per_kind_matches_eager_and_shares_artifacts_across_sizes():
+    start = make_params(SHAPES, torch.float64)
+    want = make_params(SHAPES, torch.float64)
+    train(CompiledSOAP(_groups(want), precondition_frequency=3, compile=False), want, 10, _with_gaps)
+    got = make_params(SHAPES, torch.float64)
+    opt = CompiledSOAP(_groups(got), precondition_frequency=3, backend="aot_eager", compile_per="kind")
+    train(opt, got, 2, _with_gaps)
+    # The first compiling call (call 2) compiled the plain and the refresh function of every kind: 4 buckets,
+    # 3 kinds (the (6, 4) and (5, 3) buckets share theirs), no compile left for the first refresh (call 4).
+    assert _kinds(opt) == 2 * KINDS
+    train(opt, got, 8, _with_gaps, start=2)
+    assert _kinds(opt) == 2 * KINDS
+    print(agree(got, want, start))
+
+
+def test_per_kind_resume_is_bitwise_and_a_new_plan_reuses_the_kinds():
+    params = make_params(SHAPES, torch.float64)
+    opt = CompiledSOAP(_groups(params), precondition_frequency=3, backend="aot_eager", compile_per="kind")
+    train(opt, params, 5)
+    saved, saved_params = opt.state_dict(), [p.detach().clone() for p in params]
+    train(opt, params, 5, start=5)
+
+    resumed = [torch.nn.Parameter(p.clone()) for p in saved_params]
+    again = CompiledSOAP(_groups(resumed), precondition_frequency=3, backend="aot_eager", compile_per="kind")
+    again.load_state_dict(saved)
+    train(again, resumed, 5, start=5)
+    assert all(torch.equal(a, b) for a, b in zip(resumed, params))
+
+    # A late parameter of a known kind and a new size: a new plan, no new compile.
+    late = make_params([(7, 4), (7, 4)], torch.float64, seed=3)
+    kinds = _kinds(opt)
+    opt.add_param_group({"params": late})
+    train(opt, params + late, 6, start=10)
+    assert _kinds(opt) == kinds
+
+
+@pytest.mark.compile
+def test_per_kind_inductor_matches_reference_with_one_artifact_for_two_sizes():
+    """Inductor's code for one kind, traced with symbolic sizes, serves the (6, 4) and (5, 3) buckets."""
+    shapes = [(6, 4), (6, 4), (5, 3), (5, 3)]
+    ref, fast = make_params(shapes), make_params(shapes)
+    start = [p.detach().clone() for p in ref]
+    train(SOAP(ref, precondition_frequency=2), ref, 6)
+    opt = CompiledSOAP(fast, precondition_frequency=2, mode=None, compile_per="kind")
+    train(opt, fast, 6)
+    assert _kinds(opt) == 2  # plain and refresh, one kind
+    assert relative_deviation(ref, fast, start) < 1e-5
+
+
+def test_kind_compiler_checks_what_the_trace_assumed_once_per_binding():
+    """A size relation the trace branched on is checked when a call is bound: a call that breaks it gets an
+    artifact traced at its exact sizes (an artifact itself checks nothing when it runs)."""
+    def column_or_row_sums(x, out, *, scale):
+        if x.shape[1] > x.shape[2]:
+            out.copy_(x.sum(1) * scale)
+        else:
+            out.copy_(x.sum(2) * -scale)
+
+    compiler = KindCompiler("aot_eager", {})
+    counts = []
+    for shape in [(3, 5, 4), (3, 7, 2), (3, 4, 6), (3, 6, 8)]:
+        x = torch.randn(shape)
+        wide = shape[1] > shape[2]
+        out = torch.zeros(shape[0], shape[2] if wide else shape[1])
+        compiler.bind(column_or_row_sums, {"scale": 3.0}, (x, out))()
+        torch.testing.assert_close(out, x.sum(1) * 3 if wide else x.sum(2) * -3)
+        counts.append(compiler.kinds)
+    assert counts == [1, 1, 2, 3]  # artifacts used: (3, 7, 2) shares the first artifact; the others are traced at their sizes
+
+
+def test_kind_compiler_keys_memory_layout_and_missing_leaves():
+    def rotate(a, q, b):
+        a.copy_(a @ q if b is None else a @ q + b)
+
+    compiler = KindCompiler("aot_eager", {})
+    for d in (5, 7):
+        a, q = torch.randn(2, d, d), torch.randn(2, d, d)
+        column_major = q.transpose(1, 2).contiguous().transpose(1, 2)
+        for q_ in (q, column_major):  # two kinds
+            for b in (None, torch.randn(2, d, d)):
+                a_ = a.clone()
+                compiler.bind(rotate, {}, (a_, q_, b))()
+                torch.testing.assert_close(a_, a @ q_ if b is None else a @ q_ + b)
+    assert compiler.kinds == 4
+
+
+def test_compile_per_is_validated():
+    with pytest.raises(ValueError, match="compile_per"):
+        CompiledSOAP(make_params([(3, 2)]), compile_per="bucket")

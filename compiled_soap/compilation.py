@@ -68,7 +68,7 @@ class StepCompiler:
     backend / mode: passed to torch.compile; mode only applies to Inductor. Inductor gets
         emulate_precision_casts, so a 16-bit parameter is rounded exactly where the eager code rounds it.
     per_kind: `run_each` compiles one artifact per kind of call (`KindCompiler`) instead of `run`'s one callable
-        per key; mode is then unused (no CUDA graph).
+        per key.
     """
 
     def __init__(self, compile: bool, backend, mode: Optional[str], per_kind: bool = False):
@@ -79,13 +79,18 @@ class StepCompiler:
         self.compile_seconds = 0.0
         self._functions: dict = {}
         self._calls: dict = {}
+        self._setup: dict = {}  # key -> calls before it replays
         self._kinds = KindCompiler(backend, PER_KIND_INDUCTOR_OPTIONS)
+        # Per kind: call the artifacts through one compiled outer graph (None: on CUDA only, where it is one CUDA
+        # graph; True on the CPU for tests of that path).
+        self.outer_graph: Optional[bool] = None
 
     def reset(self) -> None:
         """Forget every compiled callable (the plan changed: shapes or the number of buckets). Per kind, the
         artifacts are kept: a new plan reuses every kind it shares with the old one."""
         self._functions.clear()
         self._calls.clear()
+        self._setup.clear()
 
     def unbind(self) -> None:
         """The tensors of the calls changed (a rebuild): per kind, the bound calls go; compiled callables that take
@@ -116,18 +121,15 @@ class StepCompiler:
             return torch.compile(fn, fullgraph=True, dynamic=False, mode=self.mode)
         return torch.compile(fn, fullgraph=True, dynamic=False, backend="inductor", options=options)
 
-    @property
-    def setup_calls(self) -> int:
+    def _setup_calls(self, outer_graph: bool = True) -> int:
         """Calls of a callable before it replays: compile (and warm up), then record (reduce-overhead)."""
         if not self.enabled:
             return 0
-        if self.per_kind:
-            return 1
-        return 2 if self.mode == "reduce-overhead" else 1
+        return 2 if self.mode == "reduce-overhead" and outer_graph else 1
 
     def ready(self, key: Hashable) -> bool:
         """Whether the callable for `key` has been compiled (and recorded), so that its next call replays."""
-        return self._calls.get(key, 0) >= self.setup_calls
+        return self._calls.get(key, 0) >= self._setup.get(key, self._setup_calls())
 
     def run(self, key: Hashable, name: str, fn: Callable, static_kwargs: dict, *args,
             describe: Callable[[], str] = str) -> None:
@@ -136,9 +138,43 @@ class StepCompiler:
         of a slow setup call (called only then: replays stay free of it)."""
         if key not in self._functions:
             self._functions[key] = self._build(fn, static_kwargs)
-            self._calls[key] = 0
+            self._calls[key], self._setup[key] = 0, self._setup_calls()
+        self._invoke(key, name, args, describe)
+
+    def run_each(self, key: Hashable, name: str, fn: Callable, calls: Callable[[], list],
+                 describe: Callable[[], str] = str) -> None:
+        """Per kind: `fn(*args, **static_kwargs)` for each `(static_kwargs, args)` of `calls()`, in order, each
+        through its kind's artifact (compiled when its kind is first met). `calls()` is asked once per `key`; its
+        tensors are bound until `unbind`. On the CPU the artifacts are called from a Python loop; on CUDA (or with
+        `outer_graph`) each is an opaque operator and the loop one compiled graph, so that mode="reduce-overhead"
+        captures every kernel of every bucket in one CUDA graph. NVTX ranges and log lines as in `run`."""
+        if key not in self._functions:
+            start, known = time.perf_counter(), len(_ARTIFACTS)
+            with nvtx_range(f"compile/{name}"):
+                bound = [self._kinds.bind(fn, static_kwargs, args) for static_kwargs, args in calls()]
+            outer = self.outer_graph if self.outer_graph is not None else any(
+                t.is_cuda for _, tensors in bound for t in tensors)
+            if outer:
+                ops = tuple(artifact.op() for artifact, _ in bound)
+                tensors = tuple(tuple(t) for _, t in bound)
+                compiled = self._build(_call_each, {"ops": ops})
+                self._functions[key] = lambda: compiled(tensors)
+            else:
+                runs = [functools.partial(artifact.run, *tensors) for artifact, tensors in bound]
+                self._functions[key] = functools.partial(_run_each, runs)
+            self._calls[key], self._setup[key] = 0, self._setup_calls(outer)
+            seconds = time.perf_counter() - start
+            self.compile_seconds += seconds
+            if seconds > SLOW_COMPILE_S:
+                detail = describe()
+                logger.warning("compiling %d kinds of bucket for the %s step%s took %.1f s; this optimizer uses %d "
+                               "compiled kinds in all", len(_ARTIFACTS) - known, name,
+                               f" ({detail})" if detail else "", seconds, self._kinds.kinds)
+        self._invoke(key, name, (), describe)
+
+    def _invoke(self, key: Hashable, name: str, args: tuple, describe: Callable[[], str]) -> None:
         compiled = self._functions[key]
-        if self._calls[key] < self.setup_calls:
+        if self._calls[key] < self._setup[key]:
             start = time.perf_counter()
             with nvtx_range(f"compile/{name}"):
                 compiled(*args)
@@ -154,35 +190,42 @@ class StepCompiler:
                 compiled(*args)
         self._calls[key] += 1
 
-    def run_each(self, key: Hashable, name: str, fn: Callable, calls: Callable[[], list],
-                 describe: Callable[[], str] = str) -> None:
-        """Per kind: `fn(*args, **static_kwargs)` for each `(static_kwargs, args)` of `calls()`, in order, each
-        through its kind's artifact (compiled when its kind is first met). `calls()` is asked once per `key`; its
-        tensors are bound until `unbind`. NVTX ranges and the slow-setup log line as in `run`."""
-        runs = self._functions.get(key)
-        if runs is not None:
-            with nvtx_range(f"graph/{name}"):
-                for run in runs:
-                    run()
-            self._calls[key] += 1
-            return
-        start, known = time.perf_counter(), len(_ARTIFACTS)
-        with nvtx_range(f"compile/{name}"):
-            runs = [self._kinds.bind(fn, static_kwargs, args) for static_kwargs, args in calls()]
-            for run in runs:
-                run()
-        self._functions[key], self._calls[key] = runs, 1
-        seconds = time.perf_counter() - start
-        self.compile_seconds += seconds
-        if seconds > SLOW_COMPILE_S:
-            detail = describe()
-            logger.warning("compiling %d kinds of bucket for the %s step%s took %.1f s; this optimizer uses %d "
-                           "compiled kinds in all", len(_ARTIFACTS) - known, name, f" ({detail})" if detail else "",
-                           seconds, self._kinds.kinds)
 
+def _run_each(runs: list) -> None:
+    for run in runs:
+        run()
+
+
+def _call_each(tensors: tuple, ops: tuple) -> None:
+    """The outer graph of a per-kind step: one opaque operator call per bucket (compiled with `ops` static)."""
+    for op, args in zip(ops, tensors):
+        op(*args)
 
 _TENSOR = object()  # where a tensor goes among a kind's constant leaves
 _ARTIFACTS: dict = {}  # (backend and options, kind) -> _Artifact, for the whole process (KindCompiler)
+_OP_NAMESPACE = "compiled_soap_kinds"  # the artifacts as operators (`_Artifact.op`), defined when first needed
+_LIBRARY: Optional[torch.library.Library] = None
+_OPS: list = []
+
+
+def _mutated_inputs(graph: torch.fx.GraphModule) -> tuple:
+    """Per placeholder of a traced (not functionalised) graph: whether some op writes it or a view of it."""
+    def base(node):
+        while (node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload)
+               and node.target._schema.returns and node.target._schema.returns[0].alias_info is not None):
+            node = node.args[0]
+        return node
+
+    written = set()
+    for node in graph.graph.nodes:
+        if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
+            continue
+        for i, arg in enumerate(node.target._schema.arguments):
+            if arg.alias_info is not None and arg.alias_info.is_write:
+                value = node.args[i] if i < len(node.args) else node.kwargs.get(arg.name)
+                if isinstance(value, torch.fx.Node):
+                    written.add(base(value))
+    return tuple(node in written for node in graph.graph.nodes if node.op == "placeholder")
 
 
 def _size_class(n: int) -> int:
@@ -197,13 +240,41 @@ def tensor_kind(t: torch.Tensor) -> tuple:
 
 
 class _Artifact:
-    """One kind's compiled function over flat tensors, and the trace's shape guards to check a new call against."""
+    """One kind's compiled function over flat tensors, the trace's shape guards to check a new call against, and
+    which inputs it writes."""
 
-    def __init__(self, run: Callable, fakes: list, shape_env):
+    def __init__(self, run: Callable, fakes: list, shape_env, mutated: tuple):
         self.run = run
         self._fakes = fakes
         self._shape_env = shape_env
         self._checked: dict = {}  # sizes and strides -> whether the guards hold (a plan binds each bucket often)
+        self.mutated = mutated
+        self._op = None
+
+    def op(self):
+        """`run` as an operator opaque to torch.compile (`torch.library`), whose schema says which inputs it writes:
+        an outer compiled graph then calls it as one extern kernel, and a CUDA graph captures what it launches.
+        `torch.library.Library` rather than `custom_op`, whose Python ADInplaceOrView kernel costs about 0.1 ms per
+        call (docs/design.md §7)."""
+        if self._op is None:
+            global _LIBRARY
+            if _LIBRARY is None:
+                _LIBRARY = torch.library.Library(_OP_NAMESPACE, "FRAGMENT")
+            name = f"kind_{len(_OPS)}"
+            args = ", ".join(f"Tensor(a{i}!) t{i}" if written else f"Tensor t{i}"
+                             for i, written in enumerate(self.mutated))
+            _LIBRARY.define(f"{name}({args}) -> ()")
+            run = self.run
+
+            def kernel(*tensors):
+                run(*tensors)
+
+            for key in ("CPU", "CUDA"):
+                _LIBRARY.impl(name, kernel, key)
+            torch.library.register_fake(f"{_OP_NAMESPACE}::{name}", lambda *tensors: None, lib=_LIBRARY)
+            self._op = getattr(getattr(torch.ops, _OP_NAMESPACE), name).default
+            _OPS.append(self._op)
+        return self._op
 
     def serves(self, tensors: list) -> bool:
         # What the trace assumed of the sizes (equalities the math implies, nothing more when the kind matches):
@@ -251,9 +322,9 @@ class KindCompiler:
         self._used.add(key)
         return artifact
 
-    def bind(self, fn: Callable, static_kwargs: dict, args: tuple) -> Callable[[], None]:
-        """A callable running `fn(*args, **static_kwargs)` (which returns nothing and updates `args` in place)
-        through its kind's artifact. `args` are bound: their tensors must stay the same objects."""
+    def bind(self, fn: Callable, static_kwargs: dict, args: tuple) -> tuple["_Artifact", list]:
+        """The artifact of the kind of `fn(*args, **static_kwargs)` (which returns nothing and updates `args` in
+        place), and the tensors of `args` to call it with: `artifact.run(*tensors)`."""
         leaves, spec = pytree.tree_flatten(args)
         tensors = [x for x in leaves if isinstance(x, torch.Tensor)]
         # Leaves that are not tensors (None: a missing factor) are constants of the kind.
@@ -263,8 +334,7 @@ class KindCompiler:
         if not artifact.serves(tensors):
             exact = (*kind, tuple(tuple(t.shape) for t in tensors), tuple(t.stride() for t in tensors))
             artifact = self._artifact(exact, lambda: self._compile(fn, static_kwargs, spec, constants, tensors, False))
-        run = artifact.run
-        return lambda: run(*tensors)
+        return artifact, tensors
 
     def _compile(self, fn: Callable, static_kwargs: dict, spec, constants: tuple, tensors: list,
                  symbolic: bool) -> _Artifact:
@@ -285,4 +355,4 @@ class KindCompiler:
         else:
             with fake_mode:
                 run = torch._dynamo.lookup_backend(self.backend)(graph, fakes)
-        return _Artifact(run, fakes, fake_mode.shape_env)
+        return _Artifact(run, fakes, fake_mode.shape_env, _mutated_inputs(graph))

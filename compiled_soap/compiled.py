@@ -73,7 +73,8 @@ class CompiledSOAP(torch.optim.Optimizer):
             its compile time grows with the number of distinct shapes; on CUDA, one graph replay per step.
             "kind": one compiled function per kind of bucket (dims, factored axes, dtypes, plain or refresh), with
             symbolic sizes: compile time is the same whatever the number of shapes (README, "Compile time"). A
-            step is then a loop of one call per bucket: CPU only for now (no CUDA graph).
+            step is then one call per bucket: a Python loop on the CPU; on CUDA one outer graph of opaque
+            operators, captured as one CUDA graph (not yet run on a GPU).
         storage: "bucket" (default): parameters move into their bucket slots and gradients land in theirs, so a
             step copies neither (README: what `p.grad` then is, and what is copied instead). "separate": the
             optimizer never touches a parameter's memory or `p.grad`, and copies both in and out at every step.
@@ -121,6 +122,9 @@ class CompiledSOAP(torch.optim.Optimizer):
             raise ValueError(f"Invalid storage: {storage!r} (one of {list(STORAGES)})")
         if compile_per not in COMPILE_UNITS:
             raise ValueError(f"Invalid compile_per: {compile_per!r} (one of {list(COMPILE_UNITS)})")
+        if compile_per == "kind" and orthogonalization == "householder-outside-graph":
+            raise ValueError("orthogonalization='householder-outside-graph' needs compile_per='plan': per kind, the "
+                             "QR would be inside the operator a CUDA graph captures")
         self._options = {"compile": compile, "mode": mode, "backend": backend, "orthogonalization": orthogonalization,
                          "shard": shard, "process_group": process_group, "storage": storage,
                          "compile_per": compile_per}
@@ -153,9 +157,6 @@ class CompiledSOAP(torch.optim.Optimizer):
         devices = {p.device for p in param_group["params"]} | {p.device for p in self._params}
         if len(devices) > 1:
             raise ValueError(f"CompiledSOAP needs all parameters on one device, got {sorted(map(str, devices))}")
-        if self._compiler.per_kind and any(d.type != "cpu" for d in devices):
-            raise ValueError(f"compile_per='kind' runs on the CPU only for now (no CUDA graph yet), got parameters on "
-                             f"{devices.pop()}: use compile_per='plan' there")
         super().add_param_group(param_group)
         self._groups_changed()
 

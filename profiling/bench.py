@@ -28,7 +28,7 @@ from compiled_soap.hyperparameters import DEFAULTS as SOAP_DEFAULTS
 
 from . import bench_report as report
 from . import flop_model as flops
-from .bench_runner import (FLOP_VARIANT, OPTIMIZERS, ORTHOGONALIZATIONS, Runner, Unavailable,
+from .bench_runner import (DEFAULT_OPTIMIZERS, FLOP_VARIANT, OPTIMIZERS, ORTHOGONALIZATIONS, Runner, Unavailable,
                            reference_orthogonalization, sync)
 from .presets import PRESETS, make_grads
 
@@ -189,7 +189,8 @@ def parse_args(argv=None):
                                    "the PNG goes next to it")
     ap.add_argument("--steps", type=int, default=8, help="timed steps per repeat (>= --refresh-period)")
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--optimizers", default=",".join(OPTIMIZERS), help="comma list from: " + ",".join(OPTIMIZERS))
+    ap.add_argument("--optimizers", default=",".join(DEFAULT_OPTIMIZERS),
+                    help="comma list from: " + ",".join(OPTIMIZERS))
     ap.add_argument("--matmul-precision", choices=["highest", "high"], default="highest",
                     help="torch.set_float32_matmul_precision; 'high' = TF32 (changes SOAP's numerics)")
     ap.add_argument("--refresh-period", type=int, default=4,

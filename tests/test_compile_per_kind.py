@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch._dynamo.utils import counters
 
 from agreement import agree
 from conftest import full_rank_grads, make_params, relative_deviation, train
-from compiled_soap import SOAP, CompiledSOAP
+from compiled_soap import SOAP, CompiledSOAP, stacked
 from compiled_soap.compilation import KindCompiler
 
 pytestmark = pytest.mark.xdist_group("per_kind")  # one worker: its tests share the process's compiled kinds
@@ -90,6 +91,12 @@ def test_per_kind_inductor_matches_reference_with_one_artifact_for_two_sizes():
     train(opt, fast, 6)
     assert _kinds(opt) == 2  # plain and refresh, one kind
     assert relative_deviation(ref, fast, start) < 1e-5
+    # The CUDA form on the CPU: the same artifacts as operators in one Inductor graph (reduce-overhead), bitwise.
+    outer = make_params(shapes)
+    opt = CompiledSOAP(outer, precondition_frequency=2, compile_per="kind")
+    opt._compiler.outer_graph = True
+    train(opt, outer, 6)
+    assert all(torch.equal(a, b) for a, b in zip(outer, fast))
 
 
 def test_kind_compiler_checks_what_the_trace_assumed_once_per_binding():
@@ -107,7 +114,8 @@ def test_kind_compiler_checks_what_the_trace_assumed_once_per_binding():
         x = torch.randn(shape)
         wide = shape[1] > shape[2]
         out = torch.zeros(shape[0], shape[2] if wide else shape[1])
-        compiler.bind(column_or_row_sums, {"scale": 3.0}, (x, out))()
+        artifact, tensors = compiler.bind(column_or_row_sums, {"scale": 3.0}, (x, out))
+        artifact.run(*tensors)
         torch.testing.assert_close(out, x.sum(1) * 3 if wide else x.sum(2) * -3)
         counts.append(compiler.kinds)
     assert counts == [1, 1, 2, 3]  # artifacts used: (3, 7, 2) shares the first artifact; the others are traced at their sizes
@@ -124,7 +132,8 @@ def test_kind_compiler_keys_memory_layout_and_missing_leaves():
         for q_ in (q, column_major):  # two kinds
             for b in (None, torch.randn(2, d, d)):
                 a_ = a.clone()
-                compiler.bind(rotate, {}, (a_, q_, b))()
+                artifact, tensors = compiler.bind(rotate, {}, (a_, q_, b))
+                artifact.run(*tensors)
                 torch.testing.assert_close(a_, a @ q_ if b is None else a @ q_ + b)
     assert compiler.kinds == 4
 
@@ -132,3 +141,48 @@ def test_kind_compiler_keys_memory_layout_and_missing_leaves():
 def test_compile_per_is_validated():
     with pytest.raises(ValueError, match="compile_per"):
         CompiledSOAP(make_params([(3, 2)]), compile_per="bucket")
+    with pytest.raises(ValueError, match="householder-outside-graph.*compile_per='plan'"):
+        CompiledSOAP(make_params([(3, 2)]), compile_per="kind", orthogonalization="householder-outside-graph")
+
+
+def test_outer_graph_of_operators_matches_the_loop():
+    """The CUDA form of a per-kind step, run on the CPU: each artifact an opaque operator whose schema says what it
+    writes, the loop over buckets one compiled graph (backend aot_eager here) that holds those calls and nothing
+    else. Bitwise the Python loop's result: the same artifacts on the same tensors."""
+    loop, outer = make_params(SHAPES, torch.float64), make_params(SHAPES, torch.float64)
+    train(CompiledSOAP(_groups(loop), precondition_frequency=3, backend="aot_eager", compile_per="kind"), loop, 7)
+    opt = CompiledSOAP(_groups(outer), precondition_frequency=3, backend="aot_eager", compile_per="kind")
+    opt._compiler.outer_graph = True
+    counters.clear()
+    train(opt, outer, 7)
+    assert all(torch.equal(a, b) for a, b in zip(outer, loop))
+    assert counters["stats"]["unique_graphs"] == 2  # plain and refresh outer graphs
+    assert sum(counters["graph_break"].values()) == 0
+
+
+@pytest.mark.parametrize("refresh", [False, True])
+def test_each_operator_says_it_writes_exactly_the_state(refresh):
+    """The schema of a kind's operator is what keeps an outer compiled graph from reordering or copying around it:
+    it must name every tensor the step writes (the state) and no other (gradients, hyperparameters, frozen
+    settings), read off the BucketTensors fields rather than off the trace."""
+    params = make_params(SHAPES, torch.float64)
+    opt = CompiledSOAP(_groups(params), precondition_frequency=3, backend="aot_eager", compile_per="kind")
+    train(opt, params, 1)  # initialised: buckets exist, nothing compiled
+    writes = {"params", "exp_avg", "exp_avg_sq", "factors", "step", "refresh_clock", "skipped"} | (
+        {"eigenbases"} if refresh else set())
+    calls = stacked.bucket_calls(opt._plans, opt._bucket_tensors, opt._hyper.hyper, (refresh,) * len(opt._plans),
+                                 "householder")
+    for kwargs, (b, hyper) in calls:
+        artifact, _ = opt._compiler._kinds.bind(stacked.bucket_step, kwargs, (b, hyper))  # the kinds compiled above
+        named = (stacked.BucketTensors(**{f: _named(f, getattr(b, f)) for f in b._fields}),
+                 stacked.Hyper(**{f: f"hyper.{f}" for f in hyper._fields}))
+        names = [n.split(".")[0] for n in torch.utils._pytree.tree_leaves(named) if n is not None]
+        assert dict(zip(names, artifact.mutated)) == {n: n in writes for n in names}
+        schema = artifact.op()._schema
+        assert [a.alias_info is not None and a.alias_info.is_write for a in schema.arguments] == list(artifact.mutated)
+
+
+def _named(field, value):
+    if isinstance(value, tuple):  # factors, eigenbases: one name per axis, None where the axis has none
+        return tuple(None if v is None else f"{field}.{i}" for i, v in enumerate(value))
+    return field

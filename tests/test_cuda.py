@@ -32,7 +32,10 @@ def _cuda_grads(params, step):
 
 @cuda
 @pytest.mark.cuda
-def test_cuda_matches_reference_fp32():
+@pytest.mark.parametrize("compile_per", ["plan", "kind"])
+def test_cuda_matches_reference_fp32(compile_per):
+    """compile_per="kind": every artifact an operator inside one reduce-overhead graph, captured as one CUDA
+    graph (docs/design.md §7); cudagraph_or_error turns any skip into an error."""
     import torch._inductor.config as inductor_config
 
     counters.clear()
@@ -40,7 +43,7 @@ def test_cuda_matches_reference_fp32():
     start = [p.detach().clone() for p in a]
     ref = SOAP(a, precondition_frequency=3)
     with inductor_config.patch({"triton.cudagraph_or_error": True}):
-        fast = CompiledSOAP(b, precondition_frequency=3)
+        fast = CompiledSOAP(b, precondition_frequency=3, compile_per=compile_per)
         for t in range(10):
             _cuda_grads(a, t)
             _cuda_grads(b, t)
@@ -75,12 +78,13 @@ def _count_launches(opt, params, steps, first_step):
 
 @cuda
 @pytest.mark.cuda
-def test_cuda_one_graph_replay_per_step_independent_of_model_size():
+@pytest.mark.parametrize("compile_per", ["plan", "kind"])
+def test_cuda_one_graph_replay_per_step_independent_of_model_size(compile_per):
     per_size = {}
     for layers in (2, 6):
         params = _cuda_model(layers)
         # f large: every measured step is a plain step.
-        opt = CompiledSOAP(params, precondition_frequency=1000)
+        opt = CompiledSOAP(params, precondition_frequency=1000, compile_per=compile_per)
         _cuda_grads(params, 0)
         opt.step()
         per_size[layers] = _count_launches(opt, params, steps=5, first_step=1)
@@ -92,9 +96,10 @@ def test_cuda_one_graph_replay_per_step_independent_of_model_size():
 
 @cuda
 @pytest.mark.cuda
-def test_cuda_no_host_sync_in_steady_state():
+@pytest.mark.parametrize("compile_per", ["plan", "kind"])
+def test_cuda_no_host_sync_in_steady_state(compile_per):
     params = _cuda_model(2)
-    opt = CompiledSOAP(params, precondition_frequency=4)
+    opt = CompiledSOAP(params, precondition_frequency=4, compile_per=compile_per)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.99**s)
     for t in range(12):  # warm up both graphs
         _cuda_grads(params, t)

@@ -352,7 +352,7 @@ class KindCompiler:
             with torch._inductor.config.patch(self.inductor_options):
                 run = torch._inductor.standalone_compile(graph, fakes, dynamic_shapes="from_example_inputs",
                                                          fake_mode=fake_mode, options={})
-        else:
-            with fake_mode:
+        else:  # the backend sees what Dynamo gives it: fake example inputs and a tracing context
+            with fake_mode, torch._guards.tracing(torch._guards.TracingContext(fake_mode)):
                 run = torch._dynamo.lookup_backend(self.backend)(graph, fakes)
         return _Artifact(run, fakes, fake_mode.shape_env, _mutated_inputs(graph))

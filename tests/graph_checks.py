@@ -45,6 +45,7 @@ used also exist in 2.11, which was not run.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import sys
@@ -154,15 +155,30 @@ class GraphRecord:
         return self.inputs[i].name if i < len(self.inputs) else f"input {i}"
 
 
+def _hint(v):
+    """A size as the example had it: a symbolic size (a per-kind graph, compile_per="kind") by its example value,
+    read without adding a guard to its shape environment."""
+    return v.node.hint if isinstance(v, torch.SymInt) else v
+
+
 def _input_specs(gm: torch.fx.GraphModule, example_inputs) -> list:
+    """Per input, what a replay needs; symbolic sizes are replaced by the example's (the graph is replayed at the
+    sizes it was traced with)."""
     placeholders = list(gm.graph.find_nodes(op="placeholder"))
-    tensors = [x for x in example_inputs if isinstance(x, torch.Tensor)]
+    layout = {}
+    for x in example_inputs:
+        if isinstance(x, torch.Tensor):
+            layout[id(x)] = (tuple(_hint(s) for s in x.shape), tuple(_hint(s) for s in x.stride()),
+                             _hint(x.storage_offset()))
     reach: dict = {}
-    for t in tensors:
-        key = _storage_key(t)
-        end = t.storage_offset() + 1 + sum((s - 1) * st for s, st in zip(t.shape, t.stride()) if s > 0)
-        if t.numel() == 0:
-            end = t.storage_offset()
+    for x in example_inputs:
+        if not isinstance(x, torch.Tensor):
+            continue
+        shape, stride, offset = layout[id(x)]
+        key = _storage_key(x)
+        end = offset + 1 + sum((n - 1) * st for n, st in zip(shape, stride) if n > 0)
+        if math.prod(shape) == 0:
+            end = offset
         reach[key] = max(reach.get(key, 0), end)
     specs = []
     for i, x in enumerate(example_inputs):
@@ -172,10 +188,11 @@ def _input_specs(gm: torch.fx.GraphModule, example_inputs) -> list:
         wrapped = bool(getattr(grapharg, "pass_arg_as_tensor", False))
         if isinstance(x, torch.Tensor):
             key = _storage_key(x)
-            specs.append(InputSpec(name, True, tuple(x.shape), tuple(x.stride()), x.storage_offset(), x.dtype,
-                                   x.device, key, reach[key], wrapped, None, isinstance(x, torch.nn.Parameter)))
+            shape, stride, offset = layout[id(x)]
+            specs.append(InputSpec(name, True, shape, stride, offset, x.dtype, x.device, key, reach[key], wrapped,
+                                   None, isinstance(x, torch.nn.Parameter)))
         else:
-            specs.append(InputSpec(name, False, (), (), 0, None, None, None, 0, True, x, False))
+            specs.append(InputSpec(name, False, (), (), 0, None, None, None, 0, True, _hint(x), False))
     return specs
 
 

@@ -16,6 +16,7 @@ from agreement import agree
 from conftest import full_rank_grads, make_params, relative_deviation, train
 from compiled_soap import SOAP, CompiledSOAP, stacked
 from compiled_soap.compilation import KindCompiler
+from graph_checks import CaptureBackend, HostReadLog, check_cuda_capturable
 
 pytestmark = pytest.mark.xdist_group("per_kind")  # one worker: its tests share the process's compiled kinds
 
@@ -186,3 +187,41 @@ def _named(field, value):
     if isinstance(value, tuple):  # factors, eigenbases: one name per axis, None where the axis has none
         return tuple(None if v is None else f"{field}.{i}" for i, v in enumerate(value))
     return field
+
+
+def test_per_kind_graphs_pass_the_cuda_capture_checks_and_steady_steps_read_nothing():
+    """tests/graph_checks.py on the CUDA form (outer graph of operators), run on the CPU: the outer graphs pass every
+    check (static inputs, no Python scalars, nothing cudagraph-unsafe: what cudagraph trees need to record one CUDA
+    graph per step), and each kind's graph, replayed at its example sizes, passes every check that applies to a
+    graph running inside that capture (all but static inputs, which are the outer graph's). The steady steps read
+    nothing on the host."""
+    backend = CaptureBackend()
+    params = make_params([(6, 4), (6, 4), (5, 3), (5, 3)])
+    opt = CompiledSOAP(params, precondition_frequency=2, backend=backend, compile_per="kind")
+    opt._compiler.outer_graph = True
+    train(opt, params, 4)
+    outer = backend.by_name("_call_each")
+    assert len(outer) == 2  # plain and refresh
+    for record in outer:
+        check_cuda_capturable(record)
+        # Functionalised, the graph is the operator calls (auto_functionalized), their results and the write-back
+        # of the state into the static inputs (copy_), which Inductor turns back into calls in place: no other op.
+        calls = [n for n in record.forward_gm.graph.nodes if n.op == "call_function"]
+        wrapped = [n.args[0] for n in calls if "auto_functionalized" in str(n.target)]
+        assert len(wrapped) == len(opt._plans) and all(str(op).startswith("compiled_soap_kinds.") for op in wrapped)
+        others = {str(n.target) for n in calls if "auto_functionalized" not in str(n.target)}
+        assert others <= {"<built-in function getitem>", "aten.copy_.default"}, others
+    inner = [r for r in backend.records if r.name != "_call_each"]
+    assert len(inner) == 2  # one kind: plain and refresh
+    for record in inner:
+        check_cuda_capturable(record, skip=("static_inputs",))
+    # Host reads, watched op by op inside the artifacts: through the Python loop (the same artifacts; the outer
+    # graph runs them inside a higher-order operator that a dispatch mode does not see into).
+    looped = make_params([(6, 4), (6, 4), (5, 3), (5, 3)])
+    opt = CompiledSOAP(looped, precondition_frequency=2, backend=backend, compile_per="kind")
+    train(opt, looped, 4)
+    compiled = len(backend.records)
+    with HostReadLog() as log:
+        train(opt, looped, 2, start=4)  # a plain and a refresh step
+    assert log.reads == [], log.format()
+    assert len(backend.records) == compiled  # nothing compiled again: the loop reused the kinds

@@ -164,7 +164,7 @@ def bucket_step(b: BucketTensors, hyper: Hyper, *, channels_last: bool, refresh:
     """One bucket's update (§3, later calls), and with `refresh` the refresh (§4) of its items that are due (§8).
 
     Every size is read from the tensors (none from the plan), so one trace with symbolic sizes serves every bucket
-    of a kind (`compilation.KindCompiler`); under a static compile the sizes are constants as before."""
+    of a kind (`kinds.KindCompiler`); under a static compile the sizes are constants as before."""
     sdtype = b.exp_avg.dtype
     rows = lambda h: h.index_select(0, b.group)  # noqa: E731  [G] -> [B], float64
     lr, beta1, beta2, eps = rows(hyper.lr), rows(hyper.beta1), rows(hyper.beta2), rows(hyper.eps)

@@ -15,7 +15,7 @@ from torch._dynamo.utils import counters
 from agreement import agree
 from conftest import full_rank_grads, make_params, relative_deviation, train
 from compiled_soap import SOAP, CompiledSOAP, stacked
-from compiled_soap.compilation import KindCompiler
+from compiled_soap.kinds import KindCompiler
 from graph_checks import CaptureBackend, HostReadLog, check_cuda_capturable
 
 pytestmark = pytest.mark.xdist_group("per_kind")  # one worker: its tests share the process's compiled kinds
@@ -119,7 +119,7 @@ def test_kind_compiler_checks_what_the_trace_assumed_once_per_binding():
         artifact.run(*tensors)
         torch.testing.assert_close(out, x.sum(1) * 3 if wide else x.sum(2) * -3)
         counts.append(compiler.kinds)
-    assert counts == [1, 1, 2, 3]  # artifacts used: (3, 7, 2) shares the first artifact; the others are traced at their sizes
+    assert counts == [1, 1, 2, 3]  # artifacts used: (3, 7, 2) shares the first; the others are traced at their sizes
 
 
 def test_kind_compiler_keys_memory_layout_and_missing_leaves():

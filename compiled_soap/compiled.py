@@ -3,8 +3,9 @@
 Per step, on the host: apply edits made to `optimizer.state`, write changed hyperparameters to the device, check
 that every parameter and gradient lives in its bucket slot (`residence`: copy in whatever does not), choose the
 step graph, run it, copy back out the parameters that do not live in their slots. The graph is `stacked.step`,
-compiled once per plan and refresh pattern (`compilation`); on CUDA with mode="reduce-overhead" it is one CUDA graph
-replay.
+compiled once per plan and refresh pattern (`compilation`), or with compile_per="kind" one call per bucket of
+`stacked.bucket_step` compiled once per kind (`kinds`); on CUDA with mode="reduce-overhead" it is one CUDA graph
+replay either way.
 
 Which buckets refresh is decided on the host from what the host knows exactly: each parameter's refresh clock
 counts the calls in which it had a gradient (docs/spec.md §8), so no device value is ever read in steady state.

@@ -71,17 +71,28 @@ def layout_of(shape: tuple[int, ...], group: dict) -> Layout:
 
 def to_merged(x: torch.Tensor, layout: Layout) -> torch.Tensor:
     """[B, *shape] -> [B, *merged_shape]."""
-    if layout.channels_last:
-        x = x.permute(0, 1, 4, 2, 3)
-    return x.reshape(x.shape[0], *layout.merged_shape)
+    return merge(x, layout.merged_shape, layout.channels_last)
 
 
 def from_merged(x: torch.Tensor, layout: Layout) -> torch.Tensor:
     """[B, *merged_shape] -> [B, *shape] (a view where possible)."""
-    if layout.channels_last:
-        n, h, w, c = layout.shape
+    return unmerge(x, layout.shape, layout.channels_last)
+
+
+def merge(x: torch.Tensor, merged_shape, channels_last: bool) -> torch.Tensor:
+    """`to_merged` with the sizes given apart from a Layout: the stacked step passes them as a tensor's (symbolic)
+    sizes, so that a per-kind trace keeps them symbolic (Python ints would be constants)."""
+    if channels_last:
+        x = x.permute(0, 1, 4, 2, 3)
+    return x.reshape(x.shape[0], *merged_shape)
+
+
+def unmerge(x: torch.Tensor, shape, channels_last: bool) -> torch.Tensor:
+    """`from_merged` with the sizes given apart from a Layout (see `merge`)."""
+    if channels_last:
+        n, h, w, c = shape
         return x.reshape(x.shape[0], n, c, h, w).permute(0, 1, 3, 4, 2)
-    return x.reshape(x.shape[0], *layout.shape)
+    return x.reshape(x.shape[0], *shape)
 
 
 class BucketKey(NamedTuple):

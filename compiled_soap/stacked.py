@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from . import orthogonalization
-from .planning import BucketPlan, Layout, to_merged
+from .planning import BucketPlan, Layout, merge, to_merged, unmerge
 
 
 class Hyper(NamedTuple):
@@ -64,22 +64,6 @@ def _item_shape(x: Tensor) -> tuple[int, ...]:
 def _flat(x: Tensor) -> Tensor:
     """[B, ...] -> [B, n], also for 0-dim and empty items."""
     return x.reshape(x.shape[0], math.prod(_item_shape(x)))
-
-
-def _merged(x: Tensor, like: Tensor, channels_last: bool) -> Tensor:
-    """[B, *shape] -> [B, *merged_shape], the merged shape read off `like` (planning.to_merged, with every size
-    taken from a tensor: a per-kind graph is traced with symbolic sizes, and a Python int would become a constant)."""
-    if channels_last:
-        x = x.permute(0, 1, 4, 2, 3)
-    return x.reshape(like.shape)
-
-
-def _unmerged(x: Tensor, like: Tensor, channels_last: bool) -> Tensor:
-    """[B, *merged_shape] -> [B, *shape], the shape read off `like` (planning.from_merged)."""
-    if channels_last:
-        b, n, h, w, c = like.shape
-        return x.reshape(b, n, c, h, w).permute(0, 1, 3, 4, 2)
-    return x.reshape(like.shape)
 
 
 def gram(x: Tensor, axis: int) -> Tensor:
@@ -171,7 +155,7 @@ def bucket_step(b: BucketTensors, hyper: Hyper, *, channels_last: bool, refresh:
     weight_decay = rows(hyper.weight_decay)
     as_state = lambda v, like: _per_item(v.to(sdtype), like)  # noqa: E731
 
-    grad = _merged(b.grads, b.exp_avg, channels_last).to(sdtype)
+    grad = merge(b.grads, b.exp_avg.shape[1:], channels_last).to(sdtype)  # sizes off tensors: symbolic per kind
     finite = _flat(torch.isfinite(grad)).all(dim=1)
     active = b.has_grad & finite
     # A skipped item's gradient is replaced by zeros so that nothing below can produce NaN (QR, sort), and every
@@ -197,7 +181,7 @@ def bucket_step(b: BucketTensors, hyper: Hyper, *, channels_last: bool, refresh:
     rms = _flat(update.square()).mean(dim=1).sqrt()
     normalized = update / _per_item(1e-30 + rms, update)
     update = torch.where(_per_item(rows(hyper.normalize_grads) > 0, update), normalized, update)
-    update = _unmerged(update, b.params, channels_last)
+    update = unmerge(update, b.params.shape[1:], channels_last)
 
     # §3.8-3.9 / trap 5: W -= eta U, then decoupled weight decay on the new W with the plain lr, only when > 0.
     # The parameter dtype is rounded after each of the two updates, as the reference's two in-place adds do.

@@ -2,7 +2,7 @@
 
 Nothing here knows SOAP. A `StepCompiler` hands out one compiled callable per (plan version, kind); on CUDA with
 mode="reduce-overhead" each callable is one CUDA graph: the first call compiles and warms up, the second records,
-later calls replay (docs/design.md §1). With `per_kind`, a step is instead one call per bucket of its kind's
+later calls replay (docs/design.md §1). Through `run_each`, a step is instead one call per bucket of its kind's
 artifact (`kinds.KindCompiler`, compiled once for every size; docs/design.md §7): a Python loop, or on CUDA one
 compiled graph of those calls.
 """
@@ -27,8 +27,24 @@ logger = logging.getLogger("compiled_soap")
 # look like a hang.
 SLOW_COMPILE_S = 1.0
 
-# What one compiled function covers: a whole step of one plan (every shape a constant), or one kind of call.
-COMPILE_UNITS = ("plan", "kind")
+# What one compiled function covers: a whole step of one plan (every shape a constant), or one kind of call;
+# "auto" chooses per plan (`choose_unit`).
+COMPILE_UNITS = ("auto", "plan", "kind")
+
+# compile_per="auto" compiles per kind where a plan has at least this many calls (buckets) per kind.
+AUTO_CALLS_PER_KIND = 2
+
+
+def choose_unit(calls: int, kinds: int, backend, device: torch.device) -> str:
+    """compile_per="auto": "kind" where that compiles faster, by CPU measurements (docs/design.md §7): a plan's
+    cold compile grows by about 7 s per call it unrolls, a kind's artifacts cost about 14 s, and the calls of the
+    artifacts were never slower than the unrolled graph. "plan" with other backends (their per-kind symbolic
+    traces cost more than a small plan's trace) and on CUDA, where the per-kind form (one outer graph of
+    operators) has not run on a GPU yet."""
+    if backend != "inductor" or device.type != "cpu":
+        return "plan"
+    return "kind" if calls >= AUTO_CALLS_PER_KIND * kinds else "plan"
+
 
 def mark_static(tensors) -> None:
     """Persistent tensors keep their address inside the CUDA graph instead of being copied in at every replay.
@@ -59,19 +75,19 @@ class StepCompiler:
     compile: False runs the function eagerly (the same batched math, no tracing).
     backend / mode: passed to torch.compile; mode only applies to Inductor. Inductor gets
         emulate_precision_casts, so a 16-bit parameter is rounded exactly where the eager code rounds it.
-    per_kind: `run_each` compiles one artifact per kind of call (`KindCompiler`) instead of `run`'s one callable
-        per key.
+    `run` compiles one callable per key; `run_each` one artifact per kind of call (`KindCompiler`), shared by
+    every key.
     """
 
-    def __init__(self, compile: bool, backend, mode: Optional[str], per_kind: bool = False):
+    def __init__(self, compile: bool, backend, mode: Optional[str]):
         self.enabled = compile
         self.backend = backend
         self.mode = mode if backend == "inductor" else None
-        self.per_kind = compile and per_kind
         self.compile_seconds = 0.0
         self._functions: dict = {}
         self._calls: dict = {}
         self._setup: dict = {}  # key -> calls before it replays
+        self._bound: set = set()  # keys of `run_each`, whose callables hold the tensors they were bound to
         self._kinds = KindCompiler(backend, PER_KIND_INDUCTOR_OPTIONS)
         # Per kind: call the artifacts through one compiled outer graph (None: on CUDA only, where it is one CUDA
         # graph; True on the CPU for tests of that path).
@@ -83,12 +99,18 @@ class StepCompiler:
         self._functions.clear()
         self._calls.clear()
         self._setup.clear()
+        self._bound.clear()
 
     def unbind(self) -> None:
-        """The tensors of the calls changed (a rebuild): per kind, the bound calls go; compiled callables that take
-        their tensors at each call stay."""
-        if self.per_kind:
-            self.reset()
+        """The tensors of the calls changed (a rebuild): the bound per-kind calls go; compiled callables that take
+        their tensors at each call (`run`) stay."""
+        for key in self._bound:
+            del self._functions[key], self._calls[key], self._setup[key]
+        self._bound.clear()
+
+    def count_kinds(self, fn: Callable, calls: list) -> int:
+        """How many kinds the `(static_kwargs, args)` of `calls` are of (what `run_each` would compile for them)."""
+        return len({KindCompiler.kind_of(fn, static_kwargs, args) for static_kwargs, args in calls})
 
     def _build(self, fn: Callable, static_kwargs: dict) -> Callable:
         if not self.enabled:
@@ -155,6 +177,7 @@ class StepCompiler:
                 runs = [functools.partial(artifact.run, *tensors) for artifact, tensors in bound]
                 self._functions[key] = functools.partial(_run_each, runs)
             self._calls[key], self._setup[key] = 0, self._setup_calls(outer)
+            self._bound.add(key)
             seconds = time.perf_counter() - start
             self.compile_seconds += seconds
             if seconds > SLOW_COMPILE_S:

@@ -30,7 +30,7 @@ import torch.distributed as dist
 from . import stacked
 from .checkpoint import FORMAT_VERSION, check_and_convert, extra_state, load_state_dict_with_hooks, \
     merge_state_dicts, saved_entry, state_dict_with_hooks
-from .compilation import COMPILE_UNITS, StepCompiler, opaque_to_dynamo
+from .compilation import COMPILE_UNITS, StepCompiler, choose_unit, opaque_to_dynamo
 from .hyper_table import HyperTable, copy_from_host
 from .hyperparameters import checked_defaults, validate_param_group
 from .nvtx_ranges import nvtx_range
@@ -70,12 +70,14 @@ class CompiledSOAP(torch.optim.Optimizer):
             Parameters may be plain tensors (the same on every rank: DDP) or DTensors sharded on dim 0 (FSDP2).
         process_group: the ProcessGroup or 1-D DeviceMesh to shard over (HSDP: the shard dimension). Default: the
             mesh dimension DTensor parameters are sharded on, else the default group.
-        compile_per: "plan" (default): one compiled graph per plan and refresh pattern, every shape a constant, so
-            its compile time grows with the number of distinct shapes; on CUDA, one graph replay per step.
+        compile_per: "plan": one compiled graph per plan and refresh pattern, every shape a constant, so its
+            compile time grows with the number of distinct shapes; on CUDA, one graph replay per step.
             "kind": one compiled function per kind of bucket (dims, factored axes, dtypes, plain or refresh), with
             symbolic sizes: compile time is the same whatever the number of shapes (README, "Compile time"). A
             step is then one call per bucket: a Python loop on the CPU; on CUDA one outer graph of opaque
             operators, captured as one CUDA graph (not yet run on a GPU).
+            "auto" (default): per kind where the plan has at least two buckets per kind, on the CPU with Inductor;
+            per plan otherwise (`compilation.choose_unit`). `compile_unit` says which the current plan uses.
         storage: "bucket" (default): parameters move into their bucket slots and gradients land in theirs, so a
             step copies neither (README: what `p.grad` then is, and what is copied instead). "separate": the
             optimizer never touches a parameter's memory or `p.grad`, and copies both in and out at every step.
@@ -112,7 +114,7 @@ class CompiledSOAP(torch.optim.Optimizer):
         shard: Optional[bool] = None,
         process_group=None,
         storage: str = "bucket",
-        compile_per: str = "plan",
+        compile_per: str = "auto",
     ):
         defaults = checked_defaults(locals())
         if orthogonalization not in ORTHOGONALIZATIONS:
@@ -133,7 +135,8 @@ class CompiledSOAP(torch.optim.Optimizer):
         self._residence: Optional[Residence] = None
         self._rank_of: dict = {}  # parameter -> owner rank, once sharding is set up (kept: state never moves)
         self._owner = StackedState()
-        self._compiler = StepCompiler(compile, backend, mode, per_kind=compile_per == "kind")
+        self._compiler = StepCompiler(compile, backend, mode)
+        self._unit: Optional[str] = None  # what the current plan compiles per ("plan", "kind"): `compile_unit`
         self._params: list = []
         self._hyper: Optional[HyperTable] = None
         self.last_step_kind: Optional[str] = None
@@ -144,6 +147,12 @@ class CompiledSOAP(torch.optim.Optimizer):
     @property
     def compile_seconds(self) -> float:
         return self._compiler.compile_seconds
+
+    @property
+    def compile_unit(self) -> Optional[str]:
+        """What the current plan's steps are compiled per: "plan" or "kind" (compile_per="auto" decides at the
+        plan's first compiled step); None before that, and with compile=False."""
+        return self._unit
 
     @property
     def sharded(self) -> bool:
@@ -207,6 +216,7 @@ class CompiledSOAP(torch.optim.Optimizer):
         self._plans = tuple(b.plan for b in buckets)
         self._bucket_tensors = tuple(b.tensors for b in buckets)
         self._compiler.unbind()  # per kind, the bound calls hold the old bucket tensors
+        self._unit = None  # decided again for the new plan (`_compile_unit`)
         r = self._owner.routes
         own = {id(p) for p in self._params}
         # parameters themselves (not the proxies of DTensor shards), unless they keep leaving their slots
@@ -292,7 +302,7 @@ class CompiledSOAP(torch.optim.Optimizer):
         describe = lambda: f"{len(refreshing)} buckets" + (  # noqa: E731
             f", {sum(refreshing)} refreshing" if kind == "refresh" else "")
         with full_precision_matmul() if kind == "refresh" else contextlib.nullcontext():
-            if self._compiler.per_kind:
+            if self._compile_unit(method) == "kind":
                 self._compiler.run_each((self._plans, refreshing), kind, stacked.bucket_step,
                                         lambda: stacked.bucket_calls(self._plans, self._bucket_tensors,
                                                                      self._hyper.hyper, refreshing, method),
@@ -301,6 +311,22 @@ class CompiledSOAP(torch.optim.Optimizer):
                 self._compiler.run((self._plans, refreshing), kind, stacked.step,
                                    {"refreshing": refreshing, "method": method},
                                    self._plans, self._bucket_tensors, self._hyper.hyper, describe=describe)
+
+    def _compile_unit(self, method: str) -> Optional[str]:
+        if self._unit is None and self._options["compile"]:
+            unit = self._options["compile_per"]
+            if unit == "auto":
+                if method == "householder-outside-graph":  # its QR must stay outside a captured operator
+                    unit = "plan"
+                else:
+                    plain = (False,) * len(self._plans)
+                    kinds = self._compiler.count_kinds(stacked.bucket_step, stacked.bucket_calls(
+                        self._plans, self._bucket_tensors, self._hyper.hyper, plain, method))
+                    unit = choose_unit(len(self._plans), kinds, self._options["backend"], self._params[0].device)
+                    logger.info("compile_per='auto': compiling per %s (%d buckets of %d kinds, %s, %s)", unit,
+                                len(self._plans), kinds, self._options["backend"], self._params[0].device.type)
+            self._unit = unit
+        return self._unit
 
     def _prepare_graphs(self, now: tuple) -> None:
         """Compile (and record) the graphs of the refresh patterns coming up, now, so that the first refresh does

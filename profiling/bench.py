@@ -28,10 +28,11 @@ from compiled_soap.hyperparameters import DEFAULTS as SOAP_DEFAULTS
 
 from . import bench_report as report
 from . import flop_model as flops
-from .bench_runner import (DEFAULT_OPTIMIZERS, FLOP_VARIANT, OPTIMIZERS, ORTHOGONALIZATIONS, Runner, Unavailable,
-                           reference_orthogonalization, sync)
+from .bench_runner import (COMPILE_UNIT, DEFAULT_OPTIMIZERS, FLOP_VARIANT, OPTIMIZERS, ORTHOGONALIZATIONS, Runner,
+                           Unavailable, reference_orthogonalization, sync)
 from .presets import PRESETS, make_grads
 
+COMPILED = ("compiled-soap", *COMPILE_UNIT)  # the rows whose first calls compile and record graphs
 AMORTIZE_PERIOD = int(SOAP_DEFAULTS["precondition_frequency"])  # the library's default refresh period
 
 ROW_FIELDS = [
@@ -39,7 +40,7 @@ ROW_FIELDS = [
     "plain_step_ms", "plain_step_ms_p10", "plain_step_ms_p90", "plain_samples",
     "refresh_step_ms", "refresh_step_ms_p10", "refresh_step_ms_p90", "refresh_samples",
     "amortized_step_ms", "amortize_period", "init_step_ms", "warmup_s", "warmup_calls", "warmup_overhead_s",
-    "compile_s",
+    "compile_s", "compile_unit",
     "launches_per_step", "graph_replays_per_step", "kernels_per_step", "memcpy_per_step", "syncs_per_step",
     "launches_per_refresh_step", "graph_replays_per_refresh_step", "kernels_per_refresh_step",
     "gpu_busy_fraction", "state_bytes", "peak_bytes",
@@ -89,7 +90,7 @@ def measure(r: Runner, shapes: list, args, ceiling: float) -> dict:
 
     # Warm-up: CompiledSOAP compiles a graph on its first plain / refresh call, records on the second and replays
     # from the third, so three refresh periods; eager optimizers only need their libraries initialised.
-    cycles = args.warmup_cycles if args.warmup_cycles is not None else (3 if r.name == "compiled-soap" else 1)
+    cycles = args.warmup_cycles if args.warmup_cycles is not None else (3 if r.name in COMPILED else 1)
     log(f"{r.name}: warm-up, {1 + cycles * r.period} calls")
     warm = r.warm_up(cycles * r.period)
     row.update(init_step_ms=warm["init_s"] * 1e3, warmup_s=warm["total_s"], warmup_calls=1 + cycles * r.period)
@@ -127,6 +128,7 @@ def measure(r: Runner, shapes: list, args, ceiling: float) -> dict:
         row["warmup_overhead_s"] = max(0.0, warm["total_s"] - steady_ms / 1e3)
     own = getattr(r.opt, "compile_seconds", None)  # AdamW and the reference compile nothing: null
     row["compile_s"] = None if own is None else float(own)
+    row["compile_unit"] = getattr(r.opt, "compile_unit", None)  # what compile_per chose: "plan" or "kind"
 
     variant = FLOP_VARIANT[r.name]
     fp, fr = flops.step_flops(shapes, variant, "plain"), flops.step_flops(shapes, variant, "refresh")

@@ -24,11 +24,14 @@ from compiled_soap.orthogonalization import ORTHOGONALIZATIONS as _METHODS
 
 from .presets import Preset, make_params
 
-OPTIMIZERS = ("adamw", "soap-reference", "soap-batched-eager", "compiled-soap", "compiled-soap-per-kind")
-DEFAULT_OPTIMIZERS = OPTIMIZERS[:4]  # compiled-soap-per-kind: CompiledSOAP(compile_per="kind"), on request
+OPTIMIZERS = ("adamw", "soap-reference", "soap-batched-eager", "compiled-soap", "compiled-soap-per-plan",
+              "compiled-soap-per-kind")
+# compiled-soap is CompiledSOAP's default (compile_per="auto"); the per-plan and per-kind rows force one unit.
+DEFAULT_OPTIMIZERS = OPTIMIZERS[:4]
+COMPILE_UNIT = {"compiled-soap-per-plan": "plan", "compiled-soap-per-kind": "kind"}
 # Which FLOP model applies (flop_model.py); None = no matmul work counted.
 FLOP_VARIANT = {"adamw": None, "soap-reference": "reference", "soap-batched-eager": "batched",
-                "compiled-soap": "batched", "compiled-soap-per-kind": "batched"}
+                "compiled-soap": "batched", "compiled-soap-per-plan": "batched", "compiled-soap-per-kind": "batched"}
 # Same hyperparameters everywhere (SOAP's defaults, read from the library), so only the implementation differs.
 HYPER = {name: DEFAULTS[name] for name in ("lr", "betas", "eps", "weight_decay")}
 # CompiledSOAP's orthogonalization options ("householder", "cholesky", "householder-outside-graph"). The reference
@@ -63,7 +66,7 @@ def build_optimizer(name: str, params, device: torch.device, period: int, backen
     if name == "soap-batched-eager":
         return cls(params, **HYPER, precondition_frequency=period, compile=False,
                    orthogonalization=orthogonalization)
-    unit = {"compile_per": "kind"} if name == "compiled-soap-per-kind" else {}
+    unit = {"compile_per": COMPILE_UNIT[name]} if name in COMPILE_UNIT else {}
     return cls(params, **HYPER, precondition_frequency=period, compile=True, backend=backend,
                orthogonalization=orthogonalization, **unit)
 

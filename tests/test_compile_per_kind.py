@@ -58,6 +58,10 @@ def test_per_kind_matches_eager_and_shares_artifacts_across_sizes():
     train(opt, got, 8, _with_gaps, start=2)
     assert _kinds(opt) == 2 * KINDS
     print(agree(got, want, start))
+    # What compile_per="auto" counts before compiling anything: the kinds the artifacts were compiled for.
+    plain = (False,) * len(opt._plans)
+    calls = stacked.bucket_calls(opt._plans, opt._bucket_tensors, opt._hyper.hyper, plain, "householder")
+    assert opt._compiler.count_kinds(stacked.bucket_step, calls) == KINDS
 
 
 def test_per_kind_resume_is_bitwise_and_a_new_plan_reuses_the_kinds():
@@ -88,8 +92,9 @@ def test_per_kind_inductor_matches_reference_with_one_artifact_for_two_sizes():
     ref, fast = make_params(shapes), make_params(shapes)
     start = [p.detach().clone() for p in ref]
     train(SOAP(ref, precondition_frequency=2), ref, 6)
-    opt = CompiledSOAP(fast, precondition_frequency=2, mode=None, compile_per="kind")
+    opt = CompiledSOAP(fast, precondition_frequency=2, mode=None)  # compile_per="auto"
     train(opt, fast, 6)
+    assert opt.compile_unit == "kind"  # two buckets of one kind, on the CPU with Inductor
     assert _kinds(opt) == 2  # plain and refresh, one kind
     assert relative_deviation(ref, fast, start) < 1e-5
     # The CUDA form on the CPU: the same artifacts as operators in one Inductor graph (reduce-overhead), bitwise.

@@ -131,6 +131,7 @@ def test_compiled_with_inductor_matches_reference():
     fast, _, opt = run(lambda pg: INDUCTOR(pg, **kw), shapes, torch.float32, 6)
     assert relative_deviation(ref, fast, start) < 1e-5
     assert opt.compile_seconds > 0
+    assert opt.compile_unit == "plan"  # compile_per="auto": two buckets of two kinds (docs/design.md §7)
 
 
 def test_compile_hygiene_scheduler_and_groups():

@@ -32,15 +32,17 @@ SLOW_COMPILE_S = 1.0
 COMPILE_UNITS = ("auto", "plan", "kind")
 
 # compile_per="auto" compiles per kind where a plan has at least this many calls (buckets) per kind.
-AUTO_CALLS_PER_KIND = 2
+AUTO_CALLS_PER_KIND = 3
 
 
 def choose_unit(calls: int, kinds: int, backend, device: torch.device) -> str:
-    """compile_per="auto": "kind" where that compiles faster, by CPU measurements (docs/design.md §7): a plan's
-    cold compile grows by about 7 s per call it unrolls, a kind's artifacts cost about 14 s, and the calls of the
-    artifacts were never slower than the unrolled graph. "plan" with other backends (their per-kind symbolic
-    traces cost more than a small plan's trace) and on CUDA, where the per-kind form (one outer graph of
-    operators) has not run on a GPU yet."""
+    """compile_per="auto": "kind" where that compiles much faster, by CPU measurements (docs/design.md §7). A
+    plan's cold compile grows by about 7 s per call it unrolls, a kind's artifacts cost 14-19 s: from 3 calls per
+    kind, compiling per kind saves a quarter or more. Below that it saves little, and its price in steady state
+    counts more: kernels of symbolic sizes run a few percent slower than exact-size ones on large tensors (on
+    small ones, the host cost it saves more than pays for that). "plan" with other backends (their per-kind
+    symbolic traces cost more than a small plan's trace) and on CUDA, where the per-kind form (one outer graph
+    of operators) has not run on a GPU yet."""
     if backend != "inductor" or device.type != "cpu":
         return "plan"
     return "kind" if calls >= AUTO_CALLS_PER_KIND * kinds else "plan"
@@ -135,11 +137,12 @@ class StepCompiler:
             return torch.compile(fn, fullgraph=True, dynamic=False, mode=self.mode)
         return torch.compile(fn, fullgraph=True, dynamic=False, backend="inductor", options=options)
 
-    def _setup_calls(self, outer_graph: bool = True) -> int:
-        """Calls of a callable before it replays: compile (and warm up), then record (reduce-overhead)."""
-        if not self.enabled:
+    def _setup_calls(self, graph: bool = True) -> int:
+        """Calls of a callable before it replays: compile (and warm up), then record (reduce-overhead). None for
+        the per-kind Python loop: its artifacts were compiled when bound, and its first call is a plain step."""
+        if not self.enabled or not graph:
             return 0
-        return 2 if self.mode == "reduce-overhead" and outer_graph else 1
+        return 2 if self.mode == "reduce-overhead" else 1
 
     def ready(self, key: Hashable) -> bool:
         """Whether the callable for `key` has been compiled (and recorded), so that its next call replays."""

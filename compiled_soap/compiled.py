@@ -76,8 +76,8 @@ class CompiledSOAP(torch.optim.Optimizer):
             symbolic sizes: compile time is the same whatever the number of shapes (README, "Compile time"). A
             step is then one call per bucket: a Python loop on the CPU; on CUDA one outer graph of opaque
             operators, captured as one CUDA graph (not yet run on a GPU).
-            "auto" (default): per kind where the plan has at least two buckets per kind, on the CPU with Inductor;
-            per plan otherwise (`compilation.choose_unit`). `compile_unit` says which the current plan uses.
+            "auto" (default): per kind where the plan has at least three buckets per kind, on the CPU with
+            Inductor; per plan otherwise (`compilation.choose_unit`). `compile_unit` says which the plan uses.
         storage: "bucket" (default): parameters move into their bucket slots and gradients land in theirs, so a
             step copies neither (README: what `p.grad` then is, and what is copied instead). "separate": the
             optimizer never touches a parameter's memory or `p.grad`, and copies both in and out at every step.

@@ -86,15 +86,15 @@ def test_per_kind_resume_is_bitwise_and_a_new_plan_reuses_the_kinds():
 
 
 @pytest.mark.compile
-def test_per_kind_inductor_matches_reference_with_one_artifact_for_two_sizes():
-    """Inductor's code for one kind, traced with symbolic sizes, serves the (6, 4) and (5, 3) buckets."""
-    shapes = [(6, 4), (6, 4), (5, 3), (5, 3)]
+def test_per_kind_inductor_matches_reference_with_one_artifact_for_three_sizes():
+    """Inductor's code for one kind, traced with symbolic sizes, serves the (6, 4), (5, 3) and (4, 2) buckets."""
+    shapes = [(6, 4), (6, 4), (5, 3), (5, 3), (4, 2), (4, 2)]
     ref, fast = make_params(shapes), make_params(shapes)
     start = [p.detach().clone() for p in ref]
     train(SOAP(ref, precondition_frequency=2), ref, 6)
     opt = CompiledSOAP(fast, precondition_frequency=2, mode=None)  # compile_per="auto"
     train(opt, fast, 6)
-    assert opt.compile_unit == "kind"  # two buckets of one kind, on the CPU with Inductor
+    assert opt.compile_unit == "kind"  # three buckets of one kind, on the CPU with Inductor
     assert _kinds(opt) == 2  # plain and refresh, one kind
     assert relative_deviation(ref, fast, start) < 1e-5
     # The CUDA form on the CPU: the same artifacts as operators in one Inductor graph (reduce-overhead), bitwise.

@@ -134,7 +134,7 @@ def test_bench_hyperparameters_and_orthogonalization(monkeypatch):
 
 
 @pytest.mark.parametrize("module", ["bench_host", "bench_orthogonalization", "compile_scaling", "per_kind_host_cost",
-                                    "summarize"])
+                                    "per_kind_steady", "summarize"])
 def test_modules_run_as_package(module, capsys):
     """Every script is a module of the profiling package (`python -m profiling.<name>`), no sys.path edits."""
     import importlib
@@ -286,3 +286,18 @@ def test_per_kind_host_cost_runs_and_checks_every_option(capsys):
     per_kind_host_cost.main(["--shapes", "2", "--calls", "6", "--options", "today,standalone"])
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 2 |")]
     assert len(rows) == 1 and rows[0].count("x); setup") == 2, rows
+
+
+def test_per_kind_steady_times_each_form_of_each_bucket(capsys):
+    """Two buckets of the tiny preset (aot_eager: traces, no code generation), one timed call per form: a row per
+    bucket with three positive times and their ratio, and the whole step as their sums. No timing assertion."""
+    from profiling import per_kind_steady
+
+    per_kind_steady.main(["--preset", "tiny", "--steps", "plain", "--repeats", "1", "--backend", "aot_eager",
+                          "--max-buckets", "2"])
+    rows = [line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines() if line.startswith("| (")]
+    assert len(rows) == 2
+    for cells in rows:
+        times = [float(c) for c in cells[2:5]]
+        assert all(t > 0 for t in times)
+        assert float(cells[5].strip().rstrip("x")) == pytest.approx(times[0] / times[1], rel=0.01)

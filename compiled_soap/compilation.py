@@ -110,9 +110,9 @@ class StepCompiler:
             del self._functions[key], self._calls[key], self._setup[key]
         self._bound.clear()
 
-    def count_kinds(self, fn: Callable, calls: list) -> int:
+    def count_kinds(self, fn: Callable, calls: list, batched: int = 0) -> int:
         """How many kinds the `(static_kwargs, args)` of `calls` are of (what `run_each` would compile for them)."""
-        return len({KindCompiler.kind_of(fn, static_kwargs, args) for static_kwargs, args in calls})
+        return KindCompiler.count_kinds(fn, calls, batched)
 
     def _build(self, fn: Callable, static_kwargs: dict) -> Callable:
         if not self.enabled:
@@ -158,17 +158,19 @@ class StepCompiler:
             self._calls[key], self._setup[key] = 0, self._setup_calls()
         self._invoke(key, name, args, describe)
 
-    def run_each(self, key: Hashable, name: str, fn: Callable, calls: Callable[[], list],
+    def run_each(self, key: Hashable, name: str, fn: Callable, calls: Callable[[], list], batched: int = 0,
                  describe: Callable[[], str] = str) -> None:
         """Per kind: `fn(*args, **static_kwargs)` for each `(static_kwargs, args)` of `calls()`, in order, each
         through its kind's artifact (compiled when its kind is first met). `calls()` is asked once per `key`; its
         tensors are bound until `unbind`. On the CPU the artifacts are called from a Python loop; on CUDA (or with
         `outer_graph`) each is an opaque operator and the loop one compiled graph, so that mode="reduce-overhead"
-        captures every kernel of every bucket in one CUDA graph. NVTX ranges and log lines as in `run`."""
+        captures every kernel of every bucket in one CUDA graph. `batched`: the first arguments of each call hold a
+        batch axis (`KindCompiler`: a batch of one may share a larger batch's artifact). NVTX ranges and log lines
+        as in `run`."""
         if key not in self._functions:
             start, known = time.perf_counter(), compiled_kinds()
             with nvtx_range(f"compile/{name}"):
-                bound = [self._kinds.bind(fn, static_kwargs, args) for static_kwargs, args in calls()]
+                bound = self._kinds.bind_all(fn, calls(), batched)
             outer = self.outer_graph if self.outer_graph is not None else any(
                 t.is_cuda for _, tensors in bound for t in tensors)
             if outer:

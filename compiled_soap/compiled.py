@@ -303,10 +303,12 @@ class CompiledSOAP(torch.optim.Optimizer):
             f", {sum(refreshing)} refreshing" if kind == "refresh" else "")
         with full_precision_matmul() if kind == "refresh" else contextlib.nullcontext():
             if self._compile_unit(method) == "kind":
+                # The bucket's tensors (the first argument) have the item axis first, never broadcast: a bucket of
+                # one parameter runs the artifact of a larger bucket of its kind (docs/design.md §7).
                 self._compiler.run_each((self._plans, refreshing), kind, stacked.bucket_step,
                                         lambda: stacked.bucket_calls(self._plans, self._bucket_tensors,
                                                                      self._hyper.hyper, refreshing, method),
-                                        describe=describe)
+                                        batched=1, describe=describe)
             else:
                 self._compiler.run((self._plans, refreshing), kind, stacked.step,
                                    {"refreshing": refreshing, "method": method},
@@ -321,7 +323,7 @@ class CompiledSOAP(torch.optim.Optimizer):
                 else:
                     plain = (False,) * len(self._plans)
                     kinds = self._compiler.count_kinds(stacked.bucket_step, stacked.bucket_calls(
-                        self._plans, self._bucket_tensors, self._hyper.hyper, plain, method))
+                        self._plans, self._bucket_tensors, self._hyper.hyper, plain, method), batched=1)
                     unit = choose_unit(len(self._plans), kinds, self._options["backend"], self._params[0].device)
                     logger.info("compile_per='auto': compiling per %s (%d buckets of %d kinds, %s, %s)", unit,
                                 len(self._plans), kinds, self._options["backend"], self._params[0].device.type)

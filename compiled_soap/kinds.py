@@ -65,6 +65,33 @@ def tensor_kind(t: torch.Tensor) -> tuple:
     return (t.dtype, t.device, t.dim(), tuple(_size_class(s) for s in t.shape), order)
 
 
+def _tensors(args) -> list:
+    return [x for x in pytree.tree_leaves(args) if isinstance(x, torch.Tensor)]
+
+
+def _batch_mask(args: tuple, batched: int) -> list:
+    """Per tensor of `args`: whether it is in the first `batched` arguments (dim 0 its batch axis)."""
+    first = len(_tensors(args[:batched]))
+    return [i < first for i in range(len(_tensors(args)))]
+
+
+def _single(args: tuple, batched: int) -> bool:
+    """Whether the call's batch has one element."""
+    batch = [t for t, b in zip(_tensors(args), _batch_mask(args, batched)) if b and t.dim()]
+    return bool(batch) and all(t.shape[0] == 1 for t in batch)
+
+
+def _as_batch_of_two(args: tuple, batched: int) -> list:
+    """Meta stand-ins of the call's tensors with a batch of two (same strides and storage offsets, which a trace
+    may have assumed things of): what an artifact traced for a larger batch is checked against."""
+    def stand_in(t: torch.Tensor, in_batch: bool) -> torch.Tensor:
+        size = (2, *t.shape[1:]) if in_batch and t.dim() else tuple(t.shape)
+        extent = t.storage_offset() + 1 + sum((n - 1) * s for n, s in zip(size, t.stride()))
+        return torch.empty(extent, dtype=t.dtype, device="meta").as_strided(size, t.stride(), t.storage_offset())
+
+    return [stand_in(t, b) for t, b in zip(_tensors(args), _batch_mask(args, batched))]
+
+
 class _Artifact:
     """One kind's compiled function over flat tensors, the trace's shape guards to check a new call against, and
     which inputs it writes."""
@@ -73,7 +100,7 @@ class _Artifact:
         self.run = run
         self._fakes = fakes
         self._shape_env = shape_env
-        self._checked: dict = {}  # sizes and strides -> whether the guards hold (a plan binds each bucket often)
+        self._checked: dict = {}  # sizes, strides, offsets -> whether the guards hold (plans bind buckets often)
         self.mutated = mutated
         self._op = None
 
@@ -105,7 +132,7 @@ class _Artifact:
     def serves(self, tensors: list) -> bool:
         # What the trace assumed of the sizes (equalities the math implies, nothing more when the kind matches):
         # checked once per binding, never per call, since an artifact checks nothing when it runs.
-        key = tuple((tuple(t.shape), t.stride()) for t in tensors)
+        key = tuple((tuple(t.shape), t.stride(), t.storage_offset()) for t in tensors)
         if key not in self._checked:
             if self._shape_env is None:  # traced at exact sizes
                 ok = all(f.shape == t.shape and f.stride() == t.stride() for f, t in zip(self._fakes, tensors))
@@ -127,6 +154,12 @@ class KindCompiler:
 
     Artifacts are kept for the whole process (`_ARTIFACTS`): they hold no tensors, and a second optimizer (a resume,
     a copy, another model) reuses every kind already compiled.
+
+    A batch axis (`batched`: dim 0 of every tensor in the first arguments, which the function never broadcasts,
+    squeezes or branches on) would make a call of one element a kind of its own, since the tracer makes size 1 a
+    constant. Such a call runs instead the artifact of the same kind with a larger batch, where the calls bound
+    together include one (`bind_all` binds them first) or one was compiled earlier, and its trace's assumptions
+    hold for the call with a batch of 2 in place of 1 (docs/design.md §7).
     """
 
     def __init__(self, backend, inductor_options: dict):
@@ -149,20 +182,55 @@ class KindCompiler:
         return artifact
 
     @staticmethod
-    def kind_of(fn: Callable, static_kwargs: dict, args: tuple) -> tuple:
-        """The kind of the call `fn(*args, **static_kwargs)`: what one artifact serves (compiles nothing)."""
+    def kind_of(fn: Callable, static_kwargs: dict, args: tuple, batched: int = 0) -> tuple:
+        """The kind of the call `fn(*args, **static_kwargs)`: what one artifact serves (compiles nothing). With
+        `batched`, a batch of one counts as a larger one (the kind whose artifact it may run)."""
         leaves, spec = pytree.tree_flatten(args)
         # Leaves that are not tensors (None: a missing factor) are constants of the kind.
         constants = tuple(_TENSOR if isinstance(x, torch.Tensor) else x for x in leaves)
-        tensors = [x for x in leaves if isinstance(x, torch.Tensor)]
-        return (fn, tuple(sorted(static_kwargs.items())), spec, constants, tuple(tensor_kind(t) for t in tensors))
+        kinds = []
+        for t, in_batch in zip(_tensors(args), _batch_mask(args, batched)):
+            kind = tensor_kind(t)
+            if in_batch and t.dim() and t.shape[0] == 1:
+                kind = (*kind[:3], (2, *kind[3][1:]), kind[4])
+            kinds.append(kind)
+        return (fn, tuple(sorted(static_kwargs.items())), spec, constants, tuple(kinds))
 
-    def bind(self, fn: Callable, static_kwargs: dict, args: tuple) -> tuple["_Artifact", list]:
+    @classmethod
+    def count_kinds(cls, fn: Callable, calls: list, batched: int = 0) -> int:
+        """How many artifacts `bind_all(fn, calls, batched)` would use, if every trace's assumptions hold."""
+        wider = {cls.kind_of(fn, kw, args) for kw, args in calls if not _single(args, batched)}
+        kinds = set(wider)
+        for kw, args in calls:
+            if _single(args, batched):
+                kind = cls.kind_of(fn, kw, args, batched)
+                kinds.add(kind if kind in wider else cls.kind_of(fn, kw, args))
+        return len(kinds)
+
+    def bind_all(self, fn: Callable, calls: list, batched: int = 0) -> list[tuple["_Artifact", list]]:
+        """`bind` for each `(static_kwargs, args)` of `calls`, those with a batch of one last (so that they can
+        run the artifact of a larger batch of their kind); results in the order of `calls`."""
+        single = [_single(args, batched) for _, args in calls]
+        order = sorted(range(len(calls)), key=lambda i: single[i])
+        bound: dict = {}
+        for i in order:
+            static_kwargs, args = calls[i]
+            bound[i] = self.bind(fn, static_kwargs, args, batched)
+        return [bound[i] for i in range(len(calls))]
+
+    def bind(self, fn: Callable, static_kwargs: dict, args: tuple, batched: int = 0) -> tuple["_Artifact", list]:
         """The artifact of the kind of `fn(*args, **static_kwargs)` (which returns nothing and updates `args` in
-        place), and the tensors of `args` to call it with: `artifact.run(*tensors)`."""
+        place), and the tensors of `args` to call it with: `artifact.run(*tensors)`. `batched`: the first
+        `batched` arguments hold a batch axis (class docstring)."""
+        tensors = _tensors(args)
+        if _single(args, batched):
+            wider = (self._scope, *self.kind_of(fn, static_kwargs, args, batched))
+            artifact = _ARTIFACTS.get(wider)
+            if artifact is not None and artifact.serves(_as_batch_of_two(args, batched)):
+                self._used.add(wider)
+                return artifact, tensors
         kind = self.kind_of(fn, static_kwargs, args)
         _, _, spec, constants, _ = kind
-        tensors = [x for x in pytree.tree_leaves(args) if isinstance(x, torch.Tensor)]
         artifact = self._artifact(kind, lambda: self._compile(fn, static_kwargs, spec, constants, tensors, True))
         if not artifact.serves(tensors):
             exact = (*kind, tuple(tuple(t.shape) for t in tensors), tuple(t.stride() for t in tensors))

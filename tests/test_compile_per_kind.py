@@ -20,14 +20,15 @@ from graph_checks import CaptureBackend, HostReadLog, check_cuda_capturable
 
 pytestmark = pytest.mark.xdist_group("per_kind")  # one worker: its tests share the process's compiled kinds
 
-# Two 2-D buckets of one kind (B = 2, different sizes), a 1-D bucket, a merged channels_last 4-D bucket.
-SHAPES = [(6, 4), (6, 4), (5, 3), (5, 3), (5,), (2, 3, 4, 5)]
+# Three 2-D buckets of one kind (two of B = 2 and a B = 1 one, different sizes), two 1-D buckets (B = 1 and B = 2),
+# a merged channels_last 4-D bucket (B = 1, its kind's only bucket). The B = 1 buckets run their kind's B = 2 artifact.
+SHAPES = [(6, 4), (6, 4), (5, 3), (5, 3), (5,), (7, 3), (4,), (4,), (2, 3, 4, 5)]
 KINDS = 3
 
 
 def _groups(params):
-    return [{"params": params[:5]},
-            {"params": params[5:], "lr": 1e-2, "merge_dims": True, "data_format": "channels_last",
+    return [{"params": params[:-1]},
+            {"params": params[-1:], "lr": 1e-2, "merge_dims": True, "data_format": "channels_last",
              "max_precond_dim": 12}]
 
 
@@ -52,8 +53,9 @@ def test_per_kind_matches_eager_and_shares_artifacts_across_sizes():
     got = make_params(SHAPES, torch.float64)
     opt = CompiledSOAP(_groups(got), precondition_frequency=3, backend="aot_eager", compile_per="kind")
     train(opt, got, 2, _with_gaps)
-    # The first compiling call (call 2) compiled the plain and the refresh function of every kind: 4 buckets,
-    # 3 kinds (the (6, 4) and (5, 3) buckets share theirs), no compile left for the first refresh (call 4).
+    # The first compiling call (call 2) compiled the plain and the refresh function of every kind: 6 buckets,
+    # 3 kinds (the (6, 4), (5, 3) and (7, 3) buckets share theirs, the (5,) and (4,) ones theirs), no compile left
+    # for the first refresh (call 4).
     assert _kinds(opt) == 2 * KINDS
     train(opt, got, 8, _with_gaps, start=2)
     assert _kinds(opt) == 2 * KINDS
@@ -61,7 +63,7 @@ def test_per_kind_matches_eager_and_shares_artifacts_across_sizes():
     # What compile_per="auto" counts before compiling anything: the kinds the artifacts were compiled for.
     plain = (False,) * len(opt._plans)
     calls = stacked.bucket_calls(opt._plans, opt._bucket_tensors, opt._hyper.hyper, plain, "householder")
-    assert opt._compiler.count_kinds(stacked.bucket_step, calls) == KINDS
+    assert opt._compiler.count_kinds(stacked.bucket_step, calls, batched=1) == KINDS
 
 
 def test_per_kind_resume_is_bitwise_and_a_new_plan_reuses_the_kinds():
@@ -86,15 +88,16 @@ def test_per_kind_resume_is_bitwise_and_a_new_plan_reuses_the_kinds():
 
 
 @pytest.mark.compile
-def test_per_kind_inductor_matches_reference_with_one_artifact_for_three_sizes():
-    """Inductor's code for one kind, traced with symbolic sizes, serves the (6, 4), (5, 3) and (4, 2) buckets."""
-    shapes = [(6, 4), (6, 4), (5, 3), (5, 3), (4, 2), (4, 2)]
+def test_per_kind_inductor_matches_reference_with_one_artifact_for_four_buckets():
+    """Inductor's code for one kind, traced with symbolic sizes, serves the (6, 4), (5, 3) and (4, 2) buckets and,
+    with a batch of one in place of two, the (7, 3) one."""
+    shapes = [(6, 4), (6, 4), (5, 3), (5, 3), (4, 2), (4, 2), (7, 3)]
     ref, fast = make_params(shapes), make_params(shapes)
     start = [p.detach().clone() for p in ref]
     train(SOAP(ref, precondition_frequency=2), ref, 6)
     opt = CompiledSOAP(fast, precondition_frequency=2, mode=None)  # compile_per="auto"
     train(opt, fast, 6)
-    assert opt.compile_unit == "kind"  # three buckets of one kind, on the CPU with Inductor
+    assert opt.compile_unit == "kind"  # four buckets of one kind, on the CPU with Inductor
     assert _kinds(opt) == 2  # plain and refresh, one kind
     assert relative_deviation(ref, fast, start) < 1e-5
     # The CUDA form on the CPU: the same artifacts as operators in one Inductor graph (reduce-overhead), bitwise.
@@ -125,6 +128,25 @@ def test_kind_compiler_checks_what_the_trace_assumed_once_per_binding():
         torch.testing.assert_close(out, x.sum(1) * 3 if wide else x.sum(2) * -3)
         counts.append(compiler.kinds)
     assert counts == [1, 1, 2, 3]  # artifacts used: (3, 7, 2) shares the first; the others are traced at their sizes
+
+
+def test_kind_compiler_runs_a_batch_of_one_through_a_larger_batch_artifact():
+    """`batched`: a call with a batch of one (bound after the larger ones, whatever the order given) runs the
+    artifact traced for a batch of three; without it, the batch of one is a kind of its own (size 1 is a constant of
+    a trace). Results against the eager function either way."""
+    def scaled_row_sums(x, out, scale):
+        out.copy_(x.sum(2) * scale)
+
+    scale = torch.tensor([3.0])  # not batched: its size 1 stays a constant
+    for batched, kinds in ((2, 1), (0, 2)):
+        xs = [torch.randn(1, 5, 4), torch.randn(3, 6, 2), torch.randn(1, 2, 7)]
+        calls = [({}, (x, torch.zeros(x.shape[:2]), scale)) for x in xs]
+        compiler = KindCompiler("aot_eager", {})
+        assert compiler.count_kinds(scaled_row_sums, calls, batched) == kinds
+        for (_, (x, out, _)), (artifact, tensors) in zip(calls, compiler.bind_all(scaled_row_sums, calls, batched)):
+            artifact.run(*tensors)
+            torch.testing.assert_close(out, x.sum(2) * 3)
+        assert compiler.kinds == kinds
 
 
 def test_kind_compiler_keys_memory_layout_and_missing_leaves():

@@ -40,9 +40,10 @@ def choose_unit(calls: int, kinds: int, backend, device: torch.device) -> str:
     plan's cold compile grows by about 7 s per call it unrolls, a kind's artifacts cost 14-19 s: from 3 calls per
     kind, compiling per kind saves a quarter or more. Below that it saves little, and its price in steady state
     counts more: kernels of symbolic sizes run a few percent slower than exact-size ones on large tensors (on
-    small ones, the host cost it saves more than pays for that). "plan" with other backends (their per-kind
-    symbolic traces cost more than a small plan's trace) and on CUDA, where the per-kind form (one outer graph
-    of operators) has not run on a GPU yet."""
+    small ones, the host cost it saves more than pays for that). "plan" with other backends, which a user picks
+    to inspect or debug the step: they get the one step graph they asked for (aot_eager's compile times trade
+    off like Inductor's), and on CUDA, where the per-kind form (one outer graph of operators) has not run on a
+    GPU yet."""
     if backend != "inductor" or device.type != "cpu":
         return "plan"
     return "kind" if calls >= AUTO_CALLS_PER_KIND * kinds else "plan"

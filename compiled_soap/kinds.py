@@ -241,7 +241,7 @@ class KindCompiler:
         """Like `bind`, but an artifact traced at these exact sizes and kept nowhere: what a graph compiled for
         one plan specialises on, to measure what symbolic sizes cost (`profiling/per_kind_steady.py`)."""
         _, _, spec, constants, _ = self.kind_of(fn, static_kwargs, args)
-        tensors = [x for x in pytree.tree_leaves(args) if isinstance(x, torch.Tensor)]
+        tensors = _tensors(args)
         return self._compile(fn, static_kwargs, spec, constants, tensors, False), tensors
 
     def _compile(self, fn: Callable, static_kwargs: dict, spec, constants: tuple, tensors: list,

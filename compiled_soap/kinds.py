@@ -58,26 +58,31 @@ def _size_class(n: int) -> int:
     return n if n < 2 else 2
 
 
-def tensor_kind(t: torch.Tensor) -> tuple:
+def tensor_kind(t: torch.Tensor, batch_of_one_as_more: bool = False) -> tuple:
     """What a trace with symbolic sizes specialises a tensor on: dtype, device, number of dims, each size's class
-    (the tracer makes sizes 0 and 1 constants) and the order of its strides (its memory layout)."""
+    (the tracer makes sizes 0 and 1 constants) and the order of its strides (its memory layout). With
+    `batch_of_one_as_more`, a batch axis (dim 0) of size 1 counts as a larger one (`KindCompiler`, `batched`)."""
     order = tuple(sorted(range(t.dim()), key=lambda i: -t.stride(i)))
-    return (t.dtype, t.device, t.dim(), tuple(_size_class(s) for s in t.shape), order)
+    classes = [_size_class(s) for s in t.shape]
+    if batch_of_one_as_more and classes and classes[0] == 1:
+        classes[0] = 2
+    return (t.dtype, t.device, t.dim(), tuple(classes), order)
 
 
 def _tensors(args) -> list:
     return [x for x in pytree.tree_leaves(args) if isinstance(x, torch.Tensor)]
 
 
-def _batch_mask(args: tuple, batched: int) -> list:
-    """Per tensor of `args`: whether it is in the first `batched` arguments (dim 0 its batch axis)."""
+def _with_batch_flags(args: tuple, batched: int) -> list[tuple[torch.Tensor, bool]]:
+    """Each tensor of `args`, and whether dim 0 is its batch axis (it is in the first `batched` arguments and has
+    a dim 0)."""
     first = len(_tensors(args[:batched]))
-    return [i < first for i in range(len(_tensors(args)))]
+    return [(t, i < first and t.dim() > 0) for i, t in enumerate(_tensors(args))]
 
 
 def _single(args: tuple, batched: int) -> bool:
     """Whether the call's batch has one element."""
-    batch = [t for t, b in zip(_tensors(args), _batch_mask(args, batched)) if b and t.dim()]
+    batch = [t for t, in_batch in _with_batch_flags(args, batched) if in_batch]
     return bool(batch) and all(t.shape[0] == 1 for t in batch)
 
 
@@ -85,11 +90,11 @@ def _as_batch_of_two(args: tuple, batched: int) -> list:
     """Meta stand-ins of the call's tensors with a batch of two (same strides and storage offsets, which a trace
     may have assumed things of): what an artifact traced for a larger batch is checked against."""
     def stand_in(t: torch.Tensor, in_batch: bool) -> torch.Tensor:
-        size = (2, *t.shape[1:]) if in_batch and t.dim() else tuple(t.shape)
+        size = (2, *t.shape[1:]) if in_batch else tuple(t.shape)
         extent = t.storage_offset() + 1 + sum((n - 1) * s for n, s in zip(size, t.stride()))
         return torch.empty(extent, dtype=t.dtype, device="meta").as_strided(size, t.stride(), t.storage_offset())
 
-    return [stand_in(t, b) for t, b in zip(_tensors(args), _batch_mask(args, batched))]
+    return [stand_in(t, in_batch) for t, in_batch in _with_batch_flags(args, batched)]
 
 
 class _Artifact:
@@ -188,13 +193,8 @@ class KindCompiler:
         leaves, spec = pytree.tree_flatten(args)
         # Leaves that are not tensors (None: a missing factor) are constants of the kind.
         constants = tuple(_TENSOR if isinstance(x, torch.Tensor) else x for x in leaves)
-        kinds = []
-        for t, in_batch in zip(_tensors(args), _batch_mask(args, batched)):
-            kind = tensor_kind(t)
-            if in_batch and t.dim() and t.shape[0] == 1:
-                kind = (*kind[:3], (2, *kind[3][1:]), kind[4])
-            kinds.append(kind)
-        return (fn, tuple(sorted(static_kwargs.items())), spec, constants, tuple(kinds))
+        kinds = tuple(tensor_kind(t, in_batch) for t, in_batch in _with_batch_flags(args, batched))
+        return (fn, tuple(sorted(static_kwargs.items())), spec, constants, kinds)
 
     @classmethod
     def count_kinds(cls, fn: Callable, calls: list, batched: int = 0) -> int:
